@@ -1,0 +1,3 @@
+"""polymodal.datasets"""
+
+__all__: list[str] = []

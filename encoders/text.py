@@ -1,0 +1,178 @@
+"""CLIP-style causal text transformer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Encoder
+from .layers import Transformer, check_input, get_act_layer, get_norm_layer, init_transformer_
+
+POOL_TYPES = ("argmax", "eos", "first", "last", "mean")
+
+
+class TextTransformer(Encoder):
+    """Token ids ``(B, L)`` to a pooled, projected embedding.
+
+    Args:
+        vocab_size: number of token ids.
+        context_length: longest sequence the positional table covers.
+        width: token size.
+        layers: number of transformer blocks.
+        heads: attention heads per block.
+        mlp_ratio: hidden size of the feed-forward network relative to ``width``.
+        output_dim: size of the projected embedding; ``None`` keeps ``width`` with no projection.
+        causal: causal self-attention (CLIP); otherwise bidirectional with padding masked out.
+        pool_type: ``"argmax"`` takes the token with the highest id (CLIP's end-of-text token),
+            ``"eos"`` the first ``eos_token_id``, ``"first"``, ``"last"`` (last non-pad) or
+            ``"mean"`` over non-pad tokens.
+        eos_token_id: end-of-text id, needed for ``pool_type="eos"``.
+        pad_token_id: padding id, used by ``"last"`` and ``"mean"`` pooling and the non-causal mask.
+        act_layer: activation name or module class.
+        norm_layer: ``"layernorm"``, ``"rmsnorm"`` or a ``factory(dim)``.
+        norm_eps: epsilon of the normalisation layers.
+        ls_init_value: initial LayerScale value, ``None`` for none.
+        proj_bias: bias in the output projection.
+        drop: dropout after attention and MLP.
+        attn_drop: dropout on attention weights.
+    """
+
+    modality = "text"
+
+    def __init__(
+        self,
+        vocab_size: int = 49408,
+        context_length: int = 77,
+        width: int = 512,
+        layers: int = 12,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        output_dim: int | None = 512,
+        causal: bool = True,
+        pool_type: str = "argmax",
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        act_layer: str | Callable[[], nn.Module] = "gelu",
+        norm_layer: str | Callable[[int], nn.Module] = "layernorm",
+        norm_eps: float = 1e-5,
+        ls_init_value: float | None = None,
+        proj_bias: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"pool_type must be one of {POOL_TYPES}, got {pool_type!r}")
+        if pool_type == "eos" and eos_token_id is None:
+            raise ValueError("pool_type='eos' needs eos_token_id")
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.width = width
+        self.output_dim = output_dim if output_dim is not None else width
+        self.causal = causal
+        self.pool_type = pool_type
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        factory = {"device": device, "dtype": dtype}
+        norm = get_norm_layer(norm_layer, norm_eps)
+
+        self.token_embedding = nn.Embedding(vocab_size, width, **factory)
+        self.pos_embed = nn.Parameter(torch.empty(context_length, width, **factory))
+        self.transformer = Transformer(
+            width,
+            layers,
+            heads,
+            mlp_ratio,
+            act_layer=get_act_layer(act_layer),
+            norm_layer=norm,
+            ls_init_value=ls_init_value,
+            drop=drop,
+            attn_drop=attn_drop,
+            **factory,
+        )
+        self.norm = norm(width).to(**factory)
+        self.proj = nn.Linear(width, output_dim, bias=proj_bias, **factory) if output_dim is not None else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        init_transformer_(self.transformer)
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=self.width**-0.5)
+            if self.proj.bias is not None:
+                nn.init.zeros_(self.proj.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        stem = [self.token_embedding.weight, self.pos_embed]
+        head = [*self.norm.parameters(), *(self.proj.parameters() if self.proj is not None else [])]
+        return [stem, *[list(b.parameters()) for b in self.transformer.blocks], head]
+
+    def set_context_length(self, context_length: int) -> None:
+        """Resize the positional table by linear interpolation (e.g. to accept longer texts)."""
+        with torch.no_grad():
+            table = self.pos_embed.data.t().unsqueeze(0).float()  # (1, width, L)
+            table = F.interpolate(table, size=context_length, mode="linear", align_corners=True)
+            table = table.squeeze(0).t().to(self.pos_embed.dtype)  # (L', width)
+        self.pos_embed = nn.Parameter(table.contiguous())
+        self.context_length = context_length
+
+    def _check(self, text: torch.Tensor) -> None:
+        name = type(self).__name__
+        expected = f"(B, L) with L <= {self.context_length}"
+        check_input(text, name=name, ndim=2, expected=expected, floating=False)
+        if text.shape[1] > self.context_length:
+            raise ValueError(
+                f"{name} expects token ids of shape {expected}, got shape {tuple(text.shape)}; "
+                "tokenize with the model's tokenizer or call set_context_length()"
+            )
+        if text.device.type == "cpu" and text.numel() and (text.min() < 0 or text.max() >= self.vocab_size):
+            raise ValueError(
+                f"{name} expects token ids in [0, {self.vocab_size}), "
+                f"got values in [{int(text.min())}, {int(text.max())}]"
+            )
+
+    def _padding(self, text: torch.Tensor) -> torch.Tensor:
+        return text == self.pad_token_id  # (B, L) True where padded
+
+    def forward_features(self, text: torch.Tensor) -> torch.Tensor:
+        self._check(text)
+        L = text.shape[1]
+        x = self.token_embedding(text) + self.pos_embed[:L].to(self.token_embedding.weight.dtype)  # (B, L, width)
+        if self.causal:
+            x = self.transformer(x, is_causal=True)
+        else:
+            keep = ~self._padding(text)
+            mask = keep[:, None, None, :]  # (B, 1, 1, L) broadcast over heads and queries
+            x = self.transformer(x, attn_mask=mask)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        batch = torch.arange(tokens.shape[0], device=tokens.device)
+        if self.pool_type == "argmax":
+            return tokens[batch, text.argmax(dim=-1)]
+        if self.pool_type == "eos":
+            is_eos = (text == self.eos_token_id).int()
+            # first eos; rows without one fall back to the last position
+            idx = torch.where(is_eos.any(-1), is_eos.argmax(-1), torch.full_like(batch, text.shape[1] - 1))
+            return tokens[batch, idx]
+        if self.pool_type == "first":
+            return tokens[:, 0]
+        keep = ~self._padding(text)
+        if self.pool_type == "last":
+            idx = (keep.cumsum(-1) * keep).argmax(-1)  # index of the last non-pad token
+            return tokens[batch, idx]
+        weights = keep.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+        return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.forward_features(text), text)
+        return self.proj(pooled) if self.proj is not None else pooled

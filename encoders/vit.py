@@ -1,0 +1,222 @@
+"""Vision Transformer image (and spectrogram) encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Encoder
+from .layers import Transformer, check_input, get_act_layer, get_norm_layer, init_transformer_
+
+
+def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    if len(x) != 2:
+        raise ValueError(f"expected an int or a pair (height, width), got {x!r}")
+    return (int(x[0]), int(x[1]))
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    mode: str = "bicubic",
+) -> torch.Tensor:
+    """Interpolate a ``(prefix + H*W, width)`` positional table to a new patch grid."""
+    if old_grid == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:num_prefix_tokens], pos_embed[num_prefix_tokens:]
+    width = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], width).permute(0, 3, 1, 2)  # (1, width, gh, gw)
+    grid = F.interpolate(grid.float(), size=new_grid, mode=mode, align_corners=False).to(pos_embed.dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width)  # (gh*gw, width)
+    return torch.cat([prefix, grid], dim=0)
+
+
+class PatchDropout(nn.Module):
+    """Keep a random subset of patch tokens during training (https://arxiv.org/abs/2212.00794)."""
+
+    def __init__(self, prob: float, num_prefix_tokens: int) -> None:
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {prob}")
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        B, N, C = patches.shape
+        keep = max(1, int(N * (1.0 - self.prob)))
+        idx = torch.rand(B, N, device=x.device).topk(keep, dim=-1).indices  # (B, keep)
+        patches = patches.gather(1, idx.unsqueeze(-1).expand(B, keep, C))
+        return torch.cat([prefix, patches], dim=1)
+
+
+class VisionTransformer(Encoder):
+    """ViT over images or any 2-D input such as a mel spectrogram.
+
+    Args:
+        image_size: input height and width the positional table is built for; other sizes
+            that divide by the patch size are handled by interpolating it.
+        patch_size: patch height and width.
+        in_chans: input channels (3 for RGB, 1 for a spectrogram).
+        width: token size.
+        layers: number of transformer blocks.
+        heads: attention heads per block.
+        mlp_ratio: hidden size of the feed-forward network relative to ``width``.
+        output_dim: size of the projected embedding; ``None`` keeps ``width`` with no projection.
+        pool_type: ``"cls"`` (class token) or ``"mean"`` (mean of patch tokens).
+        class_token: whether a class token is prepended (required for ``pool_type="cls"``).
+        act_layer: activation name (``"gelu"``, ``"quick_gelu"``, ...) or module class.
+        norm_layer: ``"layernorm"``, ``"rmsnorm"`` or a ``factory(dim)``.
+        norm_eps: epsilon of the normalisation layers.
+        pre_norm: apply a norm to the embedded tokens before the blocks (as CLIP does).
+        ls_init_value: initial LayerScale value, ``None`` for no LayerScale.
+        patch_dropout: fraction of patch tokens dropped in training.
+        patch_bias: bias in the patch embedding convolution.
+        proj_bias: bias in the output projection.
+        drop: dropout after attention and MLP.
+        attn_drop: dropout on attention weights.
+        modality: reported modality, ``"image"`` or ``"audio"`` for a spectrogram ViT.
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        width: int = 768,
+        layers: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        output_dim: int | None = 512,
+        pool_type: str = "cls",
+        class_token: bool = True,
+        act_layer: str | Callable[[], nn.Module] = "gelu",
+        norm_layer: str | Callable[[int], nn.Module] = "layernorm",
+        norm_eps: float = 1e-5,
+        pre_norm: bool = True,
+        ls_init_value: float | None = None,
+        patch_dropout: float = 0.0,
+        patch_bias: bool = False,
+        proj_bias: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        modality: str = "image",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if pool_type not in ("cls", "mean"):
+            raise ValueError(f"pool_type must be 'cls' or 'mean', got {pool_type!r}")
+        if pool_type == "cls" and not class_token:
+            raise ValueError("pool_type='cls' needs class_token=True")
+        self.modality = modality
+        self.image_size = _pair(image_size)
+        self.patch_size = _pair(patch_size)
+        for i, (s, p) in enumerate(zip(self.image_size, self.patch_size)):
+            if s % p:
+                raise ValueError(
+                    f"image_size {self.image_size} must be divisible by patch_size {self.patch_size} (dimension {i})"
+                )
+        self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        self.in_chans = in_chans
+        self.width = width
+        self.output_dim = output_dim if output_dim is not None else width
+        self.pool_type = pool_type
+        self.num_prefix_tokens = 1 if class_token else 0
+        factory = {"device": device, "dtype": dtype}
+        norm = get_norm_layer(norm_layer, norm_eps)
+
+        self.patch_embed = nn.Conv2d(
+            in_chans, width, self.patch_size, stride=self.patch_size, bias=patch_bias, **factory
+        )
+        self.cls_token = nn.Parameter(torch.empty(width, **factory)) if class_token else None
+        num_tokens = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.empty(num_tokens, width, **factory))
+        self.patch_dropout = PatchDropout(patch_dropout, self.num_prefix_tokens)
+        self.norm_pre = norm(width).to(**factory) if pre_norm else nn.Identity()
+        self.transformer = Transformer(
+            width,
+            layers,
+            heads,
+            mlp_ratio,
+            act_layer=get_act_layer(act_layer),
+            norm_layer=norm,
+            ls_init_value=ls_init_value,
+            drop=drop,
+            attn_drop=attn_drop,
+            **factory,
+        )
+        self.norm = norm(width).to(**factory)
+        self.proj = nn.Linear(width, output_dim, bias=proj_bias, **factory) if output_dim is not None else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.width**-0.5
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=scale)
+        nn.init.normal_(self.pos_embed, std=scale)
+        nn.init.normal_(self.patch_embed.weight, std=0.02)
+        init_transformer_(self.transformer)
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=scale)
+            if self.proj.bias is not None:
+                nn.init.zeros_(self.proj.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        stem = [self.patch_embed.weight, self.pos_embed, *self.norm_pre.parameters()]
+        stem += [self.cls_token] if self.cls_token is not None else []
+        if self.patch_embed.bias is not None:
+            stem.append(self.patch_embed.bias)
+        head = [*self.norm.parameters(), *(self.proj.parameters() if self.proj is not None else [])]
+        return [stem, *[list(b.parameters()) for b in self.transformer.blocks], head]
+
+    def set_image_size(self, image_size: int | tuple[int, int]) -> None:
+        """Permanently resize the positional table to a new input size (e.g. before fine-tuning)."""
+        image_size = _pair(image_size)
+        new_grid = (image_size[0] // self.patch_size[0], image_size[1] // self.patch_size[1])
+        with torch.no_grad():
+            resized = resample_pos_embed(self.pos_embed.data, self.grid_size, new_grid, self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(resized)
+        self.image_size, self.grid_size = image_size, new_grid
+
+    def _check(self, x: torch.Tensor) -> None:
+        name = type(self).__name__
+        expected = f"(B, {self.in_chans}, H, W) with H, W multiples of {self.patch_size}"
+        check_input(x, name=name, ndim=4, expected=expected, dim_sizes={1: self.in_chans})
+        if x.shape[-2] % self.patch_size[0] or x.shape[-1] % self.patch_size[1]:
+            raise ValueError(f"{name} expects shape {expected}, got shape {tuple(x.shape)}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        x = self.patch_embed(x)  # (B, width, gh, gw)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, width)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1+gh*gw, width)
+        pos = resample_pos_embed(self.pos_embed, self.grid_size, grid, self.num_prefix_tokens)
+        x = x + pos.to(x.dtype)
+        x = self.patch_dropout(x)
+        x = self.norm_pre(x)
+        x = self.transformer(x)
+        return self.norm(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(self.forward_features(x))
+        return self.proj(pooled) if self.proj is not None else pooled

@@ -1,0 +1,25 @@
+"""Fusion of per-modality embeddings: concat, attention, cross-attention, contrastive alignment, losses."""
+
+from .attention import AttentionFusion
+from .concat import ConcatFusion
+from .contrastive import ContrastiveAlignment
+from .cross_attention import CrossAttention, CrossAttentionBlock, CrossAttentionFusion, FusionOutput
+from .distributed import all_gather_with_grad, gather_features
+from .losses import ClipLoss, ContrastiveLossOutput, SigLipLoss, clip_loss, siglip_loss
+
+__all__ = [
+    "AttentionFusion",
+    "ClipLoss",
+    "ConcatFusion",
+    "ContrastiveAlignment",
+    "ContrastiveLossOutput",
+    "CrossAttention",
+    "CrossAttentionBlock",
+    "CrossAttentionFusion",
+    "FusionOutput",
+    "SigLipLoss",
+    "all_gather_with_grad",
+    "clip_loss",
+    "gather_features",
+    "siglip_loss",
+]

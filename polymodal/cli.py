@@ -1,0 +1,97 @@
+"""The ``polymodal`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    from polymodal.registry import get_model_config, list_models
+
+    names = list_models()
+    if args.json:
+        rows = []
+        for name in names:
+            cfg = get_model_config(name)
+            rows.append(
+                {
+                    "name": name,
+                    "modalities": sorted(cfg.towers),
+                    "embed_dim": cfg.embed_dim,
+                    "towers": {m: t.type for m, t in sorted(cfg.towers.items())},
+                }
+            )
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(map(len, names))
+    for name in names:
+        cfg = get_model_config(name)
+        towers = ", ".join(f"{m}={t.type}" for m, t in sorted(cfg.towers.items()))
+        print(f"{name:<{width}}  embed_dim={cfg.embed_dim:<5} {towers}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from polymodal.export import export_model
+    from polymodal.factory import create_model, from_pretrained
+
+    src = Path(args.src)
+    if src.is_dir() and args.model is None:
+        model = from_pretrained(src)
+    elif args.model is not None:
+        model = create_model(args.model, pretrained=src)
+    else:
+        raise SystemExit(
+            f"error: {str(src)!r} is a weights file; say which architecture it holds with --model NAME "
+            "(see 'polymodal list-models')"
+        )
+    out = export_model(model, args.dst, to=args.to, overwrite=args.overwrite)
+    print(f"wrote {args.to} model to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from polymodal import __version__
+    from polymodal.export import EXPORT_FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="polymodal", description="Multimodal models: encoders, fusion, contrastive training and tasks."
+    )
+    parser.add_argument("--version", action="version", version=f"polymodal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("list-models", help="list the registered model names")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_list_models)
+
+    p = sub.add_parser("convert", help="convert weights between polymodal, Hugging Face and open_clip formats")
+    p.add_argument("src", help="a model directory (polymodal, Hugging Face CLIP or open_clip) or a weights file")
+    p.add_argument("dst", help="output directory (or a .safetensors/.pt file for --to open_clip)")
+    p.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="output format")
+    p.add_argument("--model", help="registered architecture of a bare weights file SRC")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

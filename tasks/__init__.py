@@ -1,0 +1,3 @@
+"""polymodal.tasks"""
+
+__all__: list[str] = []

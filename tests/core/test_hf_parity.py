@@ -1,0 +1,133 @@
+"""Hugging Face CLIP directories (random weights, built here) import with identical outputs, and export back."""
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+import polymodal
+from polymodal import create_model, export_model, from_pretrained
+from tests.core.test_open_clip_parity import perturbed
+
+
+def small_hf_config(text_act="gelu", vision_act="quick_gelu", eos=999) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=1000,
+            hidden_size=48,
+            intermediate_size=100,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=20,
+            hidden_act=text_act,
+            layer_norm_eps=1e-6,
+            eos_token_id=eos,
+            pad_token_id=0,
+            bos_token_id=998,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=120,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=48,
+            patch_size=8,
+            hidden_act=vision_act,
+            layer_norm_eps=1e-6,
+        ),
+        projection_dim=40,
+        logit_scale_init_value=2.5,
+    )
+
+
+def features(out):
+    # transformers >= 5 returns a model output with the projected features in pooler_output
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+def text_ids(eos: int) -> torch.Tensor:
+    ids = torch.zeros(3, 20, dtype=torch.long)
+    for i, n in enumerate((4, 9, 19)):
+        ids[i, 0] = 998
+        ids[i, 1:n] = torch.randint(1, 990, (n - 1,))
+        ids[i, n] = eos
+    return ids
+
+
+@pytest.mark.parametrize("eos", [999, 2])  # 2: configs written before HF fixed eos_token_id pool at argmax
+def test_hf_directory_parity(tmp_path, eos):
+    torch.manual_seed(0)
+    ref = perturbed(CLIPModel(small_hf_config(eos=eos)))
+    ref.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf").eval()
+    assert model.config.towers["text"].args["act_layer"] == "gelu"
+    assert model.config.towers["image"].args["act_layer"] == "quick_gelu"
+    pixels = torch.randn(2, 3, 48, 48)
+    ids = text_ids(999)
+    if eos == 2:
+        ids[ids == 999] = 997  # argmax pooling needs end-of-text to be the highest id
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_image(pixels),
+            features(ref.get_image_features(pixel_values=pixels)),
+            rtol=0,
+            atol=1e-5,
+        )
+        torch.testing.assert_close(
+            model.encode_text(ids), features(ref.get_text_features(input_ids=ids)), rtol=0, atol=1e-5
+        )
+        out = ref(input_ids=ids, pixel_values=pixels)
+        ours = model(image=pixels, text=ids)
+        logits = ours.logit_scale * ours.embeddings["text"] @ ours.embeddings["image"].t()
+        torch.testing.assert_close(logits, out.logits_per_text, rtol=0, atol=1e-4)
+
+
+def test_hf_state_dict_file_into_registered_shape(tmp_path):
+    cfg = small_hf_config()
+    ref = perturbed(CLIPModel(cfg))
+    ref.save_pretrained(tmp_path / "hf")
+    # create_model with a config built from the HF one and a bare weights file
+    from polymodal.convert import config_from_hf
+
+    model = create_model(config_from_hf(cfg.to_dict()), pretrained=tmp_path / "hf" / "model.safetensors").eval()
+    pixels = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_image(pixels),
+            features(ref.get_image_features(pixel_values=pixels)),
+            rtol=0,
+            atol=1e-5,
+        )
+
+
+def test_round_trip_polymodal_hf_polymodal(tmp_path):
+    model = perturbed(create_model("clip-vit-tiny"))
+    export_model(model, tmp_path / "hf", to="hf")
+    ref = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    ids = polymodal.get_tokenizer(model)(["a red circle", "two blue squares and a green triangle"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            features(ref.get_image_features(pixel_values=pixels)),
+            model.encode_image(pixels),
+            rtol=0,
+            atol=1e-5,
+        )
+        torch.testing.assert_close(
+            features(ref.get_text_features(input_ids=ids)), model.encode_text(ids), rtol=0, atol=1e-5
+        )
+    again = from_pretrained(tmp_path / "hf")
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert again.config.preprocess.mean == pytest.approx(list(model.config.preprocess.mean))
+
+
+def test_models_hf_cannot_express_are_refused(tmp_path):
+    from polymodal import CheckpointError
+
+    with pytest.raises(CheckpointError, match="image-text"):
+        export_model(create_model("clap-cnn-tiny"), tmp_path / "x", to="hf")
+    with pytest.raises(CheckpointError, match="logit bias"):
+        export_model(create_model("clip-vit-tiny", init_logit_bias=-10.0), tmp_path / "y", to="hf")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

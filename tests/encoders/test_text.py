@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from polymodal.encoders import TextTransformer
+from tests.helpers import assert_all_params_get_grad, assert_checkpointing_matches
+
+
+def tiny_text(**kw):
+    args = dict(vocab_size=100, context_length=16, width=32, layers=2, heads=2, output_dim=24)
+    return TextTransformer(**{**args, **kw})
+
+
+def ids(batch=3, length=16, eot=99):
+    """Token ids ending with an end-of-text token (the highest id, as in CLIP) and zero padding."""
+    x = torch.zeros(batch, length, dtype=torch.long)
+    for i in range(batch):
+        n = 3 + 2 * i
+        x[i, :n] = torch.randint(1, 90, (n,))
+        x[i, n] = eot
+    return x
+
+
+def test_shapes_and_interface():
+    m = tiny_text()
+    t = ids()
+    assert m(t).shape == (3, 24)
+    assert m.forward_features(t).shape == (3, 16, 32)
+    assert (m.output_dim, m.width, m.modality) == (24, 32, "text")
+
+
+def test_every_parameter_gets_gradient():
+    m = tiny_text()
+    assert_all_params_get_grad(m, m(ids()).square().sum())
+
+
+def test_grad_checkpointing_same_output():
+    m = tiny_text()
+    t = ids()
+    assert_checkpointing_matches(m, lambda: m(t))
+
+
+def test_causal_pooling_ignores_padding_and_later_tokens():
+    m = tiny_text().eval()
+    t = ids()
+    noisy = t.clone()
+    noisy[noisy == 0] = 7  # tokens after end-of-text cannot affect it under the causal mask
+    torch.testing.assert_close(m(t), m(noisy))
+    # a shorter context (padding trimmed) gives the same embedding
+    torch.testing.assert_close(m(t[:, :12]), m(t))
+
+
+def test_causal_mask_is_causal():
+    m = tiny_text().eval()
+    t = ids()
+    changed = t.clone()
+    changed[:, -1] = 5
+    a, b = m.forward_features(t), m.forward_features(changed)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+@pytest.mark.parametrize("pool_type", ["eos", "first", "last", "mean"])
+def test_pool_types(pool_type):
+    m = tiny_text(pool_type=pool_type, eos_token_id=99).eval()
+    t = ids()
+    tokens = m.forward_features(t)
+    i = torch.arange(3)
+    expected = {
+        "eos": tokens[i, (t == 99).int().argmax(-1)],
+        "first": tokens[:, 0],
+        "last": tokens[i, (t != 0).sum(-1) - 1],
+        "mean": torch.stack([tokens[b, t[b] != 0].mean(0) for b in range(3)]),
+    }[pool_type]
+    torch.testing.assert_close(m(t), m.proj(expected))
+
+
+def test_non_causal_masks_padding():
+    m = tiny_text(causal=False, pool_type="mean").eval()
+    t = ids()
+    longer = torch.cat([t, torch.zeros(3, 0, dtype=torch.long)], 1)
+    torch.testing.assert_close(m(t[:, :12]), m(longer))
+
+
+def test_context_interpolation_accepts_longer_text():
+    m = tiny_text().eval()
+    with pytest.raises(ValueError, match="L <= 16"):
+        m(torch.ones(2, 20, dtype=torch.long))
+    table = m.pos_embed.detach().clone()
+    m.set_context_length(31)
+    assert m.pos_embed.shape == (31, 32) and m.context_length == 31
+    # linear interpolation with align_corners keeps the original rows at even positions
+    torch.testing.assert_close(m.pos_embed[::2].detach(), table)
+    assert m(torch.ones(2, 20, dtype=torch.long)).shape == (2, 24)
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.ones(16, dtype=torch.long), r"2-D tensor"),
+        (torch.ones(2, 16), "integer tensor"),
+        (torch.full((2, 16), 100), r"ids in \[0, 100\)"),
+        (torch.full((2, 16), -1), r"ids in \[0, 100\)"),
+    ],
+)
+def test_bad_input(x, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_text()(x)
+
+
+def test_lock_with_unlocked_layers():
+    m = tiny_text()
+    m.lock(unlocked_layers=1)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {
+        "norm.weight",
+        "norm.bias",
+        "proj.weight",
+    }
