@@ -30,6 +30,15 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def to_pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``7 -> (7, 7)``; a pair is checked and returned as a tuple (height, width)."""
+    if isinstance(x, int):
+        return (x, x)
+    if len(x) != 2:
+        raise ValueError(f"expected an int or a pair (height, width), got {x!r}")
+    return (int(x[0]), int(x[1]))
+
+
 def get_act_layer(act_layer: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     """Resolve an activation given by name (as stored in configs) or as a module class."""
     if callable(act_layer):

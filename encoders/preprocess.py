@@ -20,6 +20,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
+from .layers import to_pair
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,14 +34,6 @@ _INTERPOLATIONS = {
 }
 _RESIZE_MODES = ("shortest", "longest", "squash")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    if len(size) != 2:
-        raise ValueError(f"image_size must be an int or a pair (height, width), got {size!r}")
-    return (int(size[0]), int(size[1]))
 
 
 def _triple(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
@@ -116,7 +110,7 @@ class ResizeKeepAspect:
     ) -> None:
         if mode not in ("shortest", "longest"):
             raise ValueError(f"mode must be 'shortest' or 'longest', got {mode!r}")
-        self.size = _pair(size)
+        self.size = to_pair(size)
         self.mode = mode
         self.interpolation = interpolation
 
@@ -140,7 +134,7 @@ class CenterCropOrPad:
     """
 
     def __init__(self, size: tuple[int, int], fill: int = 0) -> None:
-        self.size = _pair(size)
+        self.size = to_pair(size)
         self.fill = fill
 
     def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
@@ -206,7 +200,7 @@ def image_transform(
     if resize_mode not in _RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {resize_mode!r}")
     mode = _INTERPOLATIONS[interpolation]
-    size = _pair(image_size)
+    size = to_pair(image_size)
     normalize = T.Normalize(mean=_triple(mean, "mean"), std=_triple(std, "std"))
     steps: list = [ToRGB(background)]
 

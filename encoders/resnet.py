@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import Encoder
-from .layers import check_input, get_act_layer
+from .layers import check_input, get_act_layer, to_pair
 from .vit import resample_pos_embed
 
 
@@ -30,14 +30,6 @@ def _norm2d(norm_layer: str | Callable[[int], nn.Module]) -> Callable[[int], nn.
     if norm_layer == "batchnorm":
         return nn.BatchNorm2d
     raise ValueError(f"unknown norm layer {norm_layer!r}; expected 'batchnorm' or a factory(channels)")
-
-
-def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
-    if len(x) != 2:
-        raise ValueError(f"expected an int or a pair (height, width), got {x!r}")
-    return (int(x[0]), int(x[1]))
 
 
 @contextlib.contextmanager
@@ -139,7 +131,7 @@ class AttentionPool2d(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"attention pool width {embed_dim} must be divisible by the number of heads {num_heads}")
         factory = {"device": device, "dtype": dtype}
-        self.grid_size = _pair(grid_size)
+        self.grid_size = to_pair(grid_size)
         if min(self.grid_size) < 1:
             raise ValueError(f"attention pool grid {self.grid_size} is empty; is the image size below 32?")
         self.num_heads = num_heads
@@ -199,7 +191,7 @@ class ResNetEncoder(Encoder):
         norm_layer = _norm2d(norm_layer)
         if len(layers) != 4:
             raise ValueError(f"layers must give the blocks of 4 stages, got {layers!r}")
-        self.image_size = _pair(image_size)
+        self.image_size = to_pair(image_size)
         self.in_chans = in_chans
         self.output_dim = output_dim
         self.width = width * 32
@@ -338,7 +330,7 @@ class TorchvisionResNetEncoder(Encoder):
         self.trunk = trunk.to(device=device, dtype=dtype)
         self.arch, self.pool_type, self.in_chans = arch, pool_type, in_chans
         self.output_dim = output_dim
-        self.image_size = _pair(image_size)
+        self.image_size = to_pair(image_size)
         self.grad_checkpointing = False
         factory = {"device": device, "dtype": dtype}
         if pool_type == "attn":

@@ -9,15 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Encoder
-from .layers import Transformer, check_input, get_act_layer, get_norm_layer, init_transformer_
-
-
-def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
-    if len(x) != 2:
-        raise ValueError(f"expected an int or a pair (height, width), got {x!r}")
-    return (int(x[0]), int(x[1]))
+from .layers import Transformer, check_input, get_act_layer, get_norm_layer, init_transformer_, to_pair
 
 
 def resample_pos_embed(
@@ -119,8 +111,8 @@ class VisionTransformer(Encoder):
         if pool_type == "cls" and not class_token:
             raise ValueError("pool_type='cls' needs class_token=True")
         self.modality = modality
-        self.image_size = _pair(image_size)
-        self.patch_size = _pair(patch_size)
+        self.image_size = to_pair(image_size)
+        self.patch_size = to_pair(patch_size)
         for i, (s, p) in enumerate(zip(self.image_size, self.patch_size)):
             if s % p:
                 raise ValueError(
@@ -184,7 +176,7 @@ class VisionTransformer(Encoder):
 
     def set_image_size(self, image_size: int | tuple[int, int]) -> None:
         """Permanently resize the positional table to a new input size (e.g. before fine-tuning)."""
-        image_size = _pair(image_size)
+        image_size = to_pair(image_size)
         new_grid = (image_size[0] // self.patch_size[0], image_size[1] // self.patch_size[1])
         with torch.no_grad():
             resized = resample_pos_embed(self.pos_embed.data, self.grid_size, new_grid, self.num_prefix_tokens)
