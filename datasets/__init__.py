@@ -1,3 +1,85 @@
-"""polymodal.datasets"""
+"""Data: image-text and audio-text pairs from index files or WebDataset shards, robust decoding that
+skips and counts bad samples, and the built-in synthetic ``shapes`` and ``tones`` data.
 
-__all__: list[str] = []
+Uses ``polymodal.encoders.preprocess`` (RGB conversion, audio loading and resampling), the shared
+preprocessing layer, and nothing else from the project.
+"""
+
+from .decode import decode_audio, decode_caption, decode_image
+from .folder import ImageFolderDataset
+from .pairs import AudioTextDataset, ImageTextDataset, read_index
+from .samples import (
+    SKIP_REASONS,
+    Batch,
+    SampleError,
+    SkipBudget,
+    SkipLogger,
+    SkippedSample,
+    TooManyBadSamples,
+    collate_samples,
+    log_skips,
+)
+from .synthetic import SYNTHETIC_KINDS, write_synthetic
+from .synthetic_shapes import (
+    COLOURS,
+    SHAPES,
+    UNSEEN_COMBOS,
+    ShapeSample,
+    ShapesDataset,
+    colour_prompts,
+    combo_prompts,
+    make_shape_sample,
+    shape_prompts,
+)
+from .synthetic_tones import (
+    TONE_PATTERNS,
+    TONE_PITCHES,
+    TONE_WAVEFORMS,
+    UNSEEN_TONE_COMBOS,
+    ToneSample,
+    TonesDataset,
+    make_tone_sample,
+    tone_prompts,
+)
+from .wds import WebDatasetPairs, expand_shard_urls, write_wds_shards
+
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "SKIP_REASONS",
+    "SYNTHETIC_KINDS",
+    "TONE_PATTERNS",
+    "TONE_PITCHES",
+    "TONE_WAVEFORMS",
+    "UNSEEN_COMBOS",
+    "UNSEEN_TONE_COMBOS",
+    "AudioTextDataset",
+    "Batch",
+    "ImageFolderDataset",
+    "ImageTextDataset",
+    "SampleError",
+    "ShapeSample",
+    "ShapesDataset",
+    "SkipBudget",
+    "SkipLogger",
+    "SkippedSample",
+    "ToneSample",
+    "TonesDataset",
+    "TooManyBadSamples",
+    "WebDatasetPairs",
+    "collate_samples",
+    "colour_prompts",
+    "combo_prompts",
+    "decode_audio",
+    "decode_caption",
+    "decode_image",
+    "expand_shard_urls",
+    "log_skips",
+    "make_shape_sample",
+    "make_tone_sample",
+    "read_index",
+    "shape_prompts",
+    "tone_prompts",
+    "write_synthetic",
+    "write_wds_shards",
+]

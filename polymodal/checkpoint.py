@@ -103,6 +103,12 @@ class PretrainedMixin:
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` atomically."""
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            self.write_pretrained_files(tmp)
+        return Path(directory)
+
+    def write_pretrained_files(self, directory: Path, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (of ``state``, default this model's) into a directory."""
         from polymodal import __version__
 
         if self.config is None:
@@ -110,8 +116,7 @@ class PretrainedMixin:
                 f"this {type(self).__name__} was built without a ModelConfig; "
                 "build it with create_model() or from_config() to save it"
             )
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
-            data = {"format": FORMAT_NAME, "polymodal_version": __version__, **self.config.to_dict()}
-            (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            save_state_dict(self.state_dict(), tmp / WEIGHTS_NAME, metadata={"polymodal_version": __version__})
-        return Path(directory)
+        data = {"format": FORMAT_NAME, "polymodal_version": __version__, **self.config.to_dict()}
+        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        state = self.state_dict() if state is None else state
+        save_state_dict(state, directory / WEIGHTS_NAME, metadata={"polymodal_version": __version__})

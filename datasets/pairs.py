@@ -1,0 +1,246 @@
+"""Image-text and audio-text pairs listed in an index file (CSV, TSV or JSON Lines).
+
+The index names one file and one caption per row; any other columns (labels, ids, ...) are
+carried along in each item's ``meta``. Paths are relative to the index file's folder unless
+``root`` is given, so a dataset folder can be moved as a whole. Unusable rows come back as
+``SkippedSample`` (see ``polymodal.datasets.samples``), never as exceptions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .decode import DEFAULT_MAX_PIXELS, decode_audio, decode_caption, decode_image
+from .samples import MISSING_CAPTION, MISSING_FILE, SampleError, SkippedSample
+
+__all__ = ["INDEX_FORMATS", "AudioTextDataset", "ImageTextDataset", "read_index"]
+
+INDEX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
+    # surrogateescape keeps a row with stray non-UTF-8 bytes readable; decode_caption then skips
+    # that row as bad_encoding instead of the whole index failing to load.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        # Plain TSV (as most caption dumps are written) does not quote, and captions often start
+        # with a quote character, so quotes are data there; CSV follows the usual quoting rules.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError(f"index file {path} is empty; expected a header row naming the columns") from None
+        duplicates = sorted({name for name in header if header.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"index file {path} has duplicate column names {duplicates}")
+        rows = []
+        for fields in reader:
+            if not fields:
+                continue  # blank line
+            if len(fields) != len(header):
+                raise ValueError(
+                    f"index file {path}, line {reader.line_num}: {len(fields)} fields but the header has "
+                    f"{len(header)} ({header}); quote fields that contain the delimiter"
+                )
+            rows.append({name: (value if value != "" else None) for name, value in zip(header, fields)})
+    return header, rows
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
+    rows = []
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"index file {path}, line {line_number}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"index file {path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
+                )
+            rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return columns, rows
+
+
+def read_index(
+    path: str | os.PathLike,
+    format: str | None = None,
+    required_columns: Sequence[str] = (),
+) -> list[dict]:
+    """Read an index of samples: one dict per row.
+
+    Args:
+        path: a ``.csv``, ``.tsv`` or ``.jsonl`` (``.ndjson``) file.
+        format: ``"csv"``, ``"tsv"`` or ``"jsonl"``, overriding the extension.
+        required_columns: columns that must exist (in the header, or in at least one JSON line).
+
+    Returns:
+        The rows. Empty CSV/TSV cells become ``None``; JSON values keep their types.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an unknown format, a malformed line (its number is named) or a missing column.
+    """
+    path = Path(path)
+    if format is None:
+        format = INDEX_FORMATS.get(path.suffix.lower())
+        if format is None:
+            raise ValueError(
+                f"cannot tell the format of index file {path} from its extension {path.suffix!r}; "
+                f"expected one of {sorted(INDEX_FORMATS)} or pass format='csv', 'tsv' or 'jsonl'"
+            )
+    if format not in ("csv", "tsv", "jsonl"):
+        raise ValueError(f"unknown index format {format!r}; expected 'csv', 'tsv' or 'jsonl'")
+    if not path.is_file():
+        raise FileNotFoundError(f"index file not found: {path}")
+    if format == "jsonl":
+        columns, rows = _read_jsonl(path)
+    else:
+        columns, rows = _read_delimited(path, "," if format == "csv" else "\t")
+    missing = [name for name in required_columns if name not in columns]
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        raise ValueError(f"index file {path} has no column {names}; its columns are {columns}")
+    return rows
+
+
+def _resolve(value: object, root: Path, column: str) -> Path:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise SampleError(MISSING_FILE, f"no file named in column {column!r}")
+    if not isinstance(value, str):
+        raise SampleError(MISSING_FILE, f"column {column!r} holds a {type(value).__name__}, expected a path")
+    path = Path(value.strip()).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+class _PairDataset(Dataset):
+    """Rows of an index, each a file plus a caption; subclasses decode the file."""
+
+    def __init__(
+        self,
+        index_path: str | os.PathLike,
+        tokenizer: Callable[[str], torch.Tensor],
+        file_key: str,
+        caption_key: str,
+        root: str | os.PathLike | None,
+        format: str | None,
+    ) -> None:
+        self.index_path = Path(index_path)
+        self.rows = read_index(self.index_path, format, required_columns=(file_key, caption_key))
+        self.root = Path(root) if root is not None else self.index_path.parent
+        self.tokenizer = tokenizer
+        self.file_key = file_key
+        self.caption_key = caption_key
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _decode_file(self, path: Path) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict | SkippedSample:
+        row = self.rows[index]
+        try:
+            if self.caption_key not in row:
+                raise SampleError(MISSING_CAPTION, f"row has no {self.caption_key!r} field")
+            caption = decode_caption(row[self.caption_key])
+            path = _resolve(row.get(self.file_key), self.root, self.file_key)
+            item = self._decode_file(path)
+        except SampleError as err:
+            return SkippedSample(err.reason, f"{self.index_path} row {index}: {err.detail}")
+        tokens = self.tokenizer(caption)
+        item["text"] = tokens[0] if tokens.ndim == 2 else tokens  # (context_length,)
+        extras = {key: value for key, value in row.items() if key not in (self.file_key, self.caption_key)}
+        item["meta"] = {**extras, "caption": caption, "path": str(path), "index": index}
+        return item
+
+
+class ImageTextDataset(_PairDataset):
+    """Image-caption pairs from an index file.
+
+    Items are ``{"image": (3, H, W), "text": (context_length,), "meta": {...}}`` or a ``SkippedSample``.
+
+    Args:
+        index_path: CSV, TSV or JSONL file with an image path and a caption per row.
+        transform: PIL RGB image -> ``(3, H, W)`` float tensor, e.g. ``polymodal.get_preprocess(...)``.
+        tokenizer: caption -> ``LongTensor (1, context_length)`` (or ``(context_length,)``).
+        image_key: column holding the image path.
+        caption_key: column holding the caption.
+        max_pixels: images with more pixels are skipped (``too_many_pixels``) without being decoded.
+        root: folder the image paths are relative to; the index file's folder by default.
+        format: index format, when the extension does not say it.
+    """
+
+    def __init__(
+        self,
+        index_path: str | os.PathLike,
+        transform: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[str], torch.Tensor],
+        image_key: str = "image",
+        caption_key: str = "caption",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        root: str | os.PathLike | None = None,
+        format: str | None = None,
+    ) -> None:
+        super().__init__(index_path, tokenizer, image_key, caption_key, root, format)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def _decode_file(self, path: Path) -> dict[str, torch.Tensor]:
+        return {"image": self.transform(decode_image(path, self.max_pixels))}
+
+
+class AudioTextDataset(_PairDataset):
+    """Audio-caption pairs from an index file.
+
+    Items are ``{"audio": (num_samples,), "text": (context_length,), "meta": {...}}`` or a ``SkippedSample``;
+    audio is mixed to mono, resampled to ``sample_rate`` and cropped or padded to ``clip_seconds``.
+
+    Args:
+        index_path: CSV, TSV or JSONL file with an audio path and a caption per row.
+        tokenizer: caption -> ``LongTensor (1, context_length)`` (or ``(context_length,)``).
+        sample_rate: output rate in Hz (the audio encoder's).
+        clip_seconds: output length in seconds.
+        audio_key: column holding the audio path.
+        caption_key: column holding the caption.
+        random_crop: crop long clips at a random offset (training) instead of the centre.
+        root: folder the audio paths are relative to; the index file's folder by default.
+        format: index format, when the extension does not say it.
+        silence_threshold: clips whose peak amplitude is below this are skipped as silent.
+    """
+
+    def __init__(
+        self,
+        index_path: str | os.PathLike,
+        tokenizer: Callable[[str], torch.Tensor],
+        sample_rate: int,
+        clip_seconds: float,
+        audio_key: str = "audio",
+        caption_key: str = "caption",
+        random_crop: bool = False,
+        root: str | os.PathLike | None = None,
+        format: str | None = None,
+        silence_threshold: float = 1e-4,
+    ) -> None:
+        if sample_rate <= 0 or clip_seconds <= 0:
+            raise ValueError(f"need a positive sample_rate and clip_seconds, got {sample_rate} and {clip_seconds}")
+        super().__init__(index_path, tokenizer, audio_key, caption_key, root, format)
+        self.sample_rate = int(sample_rate)
+        self.num_samples = round(clip_seconds * sample_rate)
+        self.random_crop = random_crop
+        self.silence_threshold = silence_threshold
+
+    def _decode_file(self, path: Path) -> dict[str, torch.Tensor]:
+        audio = decode_audio(path, self.sample_rate, self.num_samples, self.random_crop, self.silence_threshold)
+        return {"audio": audio}

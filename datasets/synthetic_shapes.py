@@ -1,0 +1,397 @@
+"""``shapes``: coloured geometric shapes with captions, the data the image demo learns from.
+
+Each image shows one (sometimes two) of 6 shapes in one of 8 colours on a dark, lightly noisy
+background, at one of two sizes, in one of 9 positions, rotated at random. Captions always name
+the shape and the colour of every shape in the image, in varied wording ("a red circle", "a small
+blue square in the top left", "two shapes: a yellow triangle and a purple cross", ...).
+
+Compositional generalisation is built in: the 8 (shape, colour) combinations in ``UNSEEN_COMBOS``
+never occur in the ``"train"`` split, not even as one of two shapes. The ``"heldout"`` split holds
+single-shape images only; every third of them (indices 0, 3, 6, ...) shows an unseen combination.
+Held-out captions always use the most specific wording (size, colour, shape and position), so
+that text-to-image retrieval has one right answer as far as the words allow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from .synthetic import check_split, dataset_index, sample_rng, with_article
+
+__all__ = [
+    "COLOURS",
+    "COLOUR_RGB",
+    "HELDOUT_UNSEEN_EVERY",
+    "POSITIONS",
+    "SEEN_COMBOS",
+    "SHAPES",
+    "SIZES",
+    "UNSEEN_COMBOS",
+    "ShapeSample",
+    "ShapesDataset",
+    "colour_prompts",
+    "combo_prompts",
+    "make_shape_sample",
+    "shape_prompts",
+]
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
+COLOUR_RGB = {
+    "red": (225, 30, 30),
+    "green": (30, 185, 50),
+    "blue": (40, 80, 240),
+    "yellow": (240, 225, 30),
+    "purple": (150, 50, 215),
+    "orange": (255, 135, 0),
+    "cyan": (0, 215, 225),
+    "white": (240, 240, 240),
+}
+COLOURS = tuple(COLOUR_RGB)
+SIZES = ("small", "large")
+# 3 x 3 grid of positions, rows top to bottom.
+POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
+# Every colour once and every shape at most twice, so each attribute is still seen with most partners.
+UNSEEN_COMBOS = (
+    ("circle", "purple"),
+    ("square", "orange"),
+    ("triangle", "cyan"),
+    ("triangle", "white"),
+    ("star", "green"),
+    ("heart", "blue"),
+    ("heart", "yellow"),
+    ("cross", "red"),
+)
+SEEN_COMBOS = tuple(c for c in itertools.product(SHAPES, COLOURS) if c not in UNSEEN_COMBOS)
+HELDOUT_UNSEEN_EVERY = 3  # held-out index i shows an unseen combination iff i % 3 == 0
+TRAIN_TWO_SHAPE_SHARE = 0.2
+
+# Radius ranges as fractions of the image side; small and large never overlap.
+_RADIUS = {"small": (0.11, 0.14), "large": (0.2, 0.25)}
+# Where in its allowed range a shape's centre lies for each third of the grid: near the low end,
+# the middle or the high end, with gaps between, so neighbouring positions are never confused.
+_THIRDS = ((0.0, 0.22), (0.39, 0.61), (0.78, 1.0))
+_PHRASE = {
+    "top left": "in the top left",
+    "top": "at the top",
+    "top right": "in the top right",
+    "left": "on the left",
+    "centre": "in the centre",
+    "right": "on the right",
+    "bottom left": "in the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "in the bottom right",
+}
+_ROTATION_PERIOD = {"circle": 0, "square": 90, "triangle": 120, "star": 72, "heart": 0, "cross": 90}
+_MAX_TILT = None  # degrees either way from upright; None: any orientation
+_SUPERSAMPLE = 4
+
+# {a_colour} = "a red", {a_size} = "a small", {a_shape} = "a circle", {where} = "in the top left".
+_SINGLE_TEMPLATES = (
+    "{a_colour} {shape}",
+    "{colour} {shape}",
+    "a picture of {a_colour} {shape}",
+    "{a_size} {colour} {shape}",
+    "{a_colour} {shape} {where}",
+    "{a_size} {colour} {shape} {where}",
+    "an image of {a_size} {colour} {shape} {where}",
+    "there is {a_colour} {shape} {where}",
+    "{a_shape} coloured {colour} {where}",
+    "a drawing of {a_size} {colour} {shape}",
+    "{size} {colour} {shape} {where} on a dark background",
+)
+_HELDOUT_TEMPLATE = "{a_size} {colour} {shape} {where}"
+# {first} / {second} = "a red circle"; {relation} = "to the left of" or "above".
+_PAIR_TEMPLATES = (
+    "two shapes: {first} and {second}",
+    "{first} and {second}",
+    "{first} {relation} {second}",
+    "a picture of {first} next to {second}",
+    "{first} and {second} on a dark background",
+)
+
+
+@dataclass(frozen=True)
+class ShapeSample:
+    """One generated image with its caption.
+
+    Attributes:
+        image: RGB image.
+        caption: text naming the shape and colour of every shape in the image.
+        attrs: JSON-able labels. ``shape``, ``colour``, ``size``, ``position``: those of the one
+            shape, or ``None`` in two-shape images; ``num_shapes``; ``shapes``: a list with a dict
+            (``shape``, ``colour``, ``size``, ``position``) per shape, left or top one first;
+            ``unseen``: whether the image shows a combination from ``UNSEEN_COMBOS``.
+    """
+
+    image: Image.Image
+    caption: str
+    attrs: dict[str, Any]
+
+
+def shape_prompts() -> tuple[list[str], list[str]]:
+    """Class names and prompt templates for zero-shot shape classification.
+
+    The templates follow the captions' shortest wording ("a red circle") once per colour, so the
+    averaged prompt embedding of a shape covers every colour and favours none.
+    """
+    return list(SHAPES), [f"{with_article(colour)} {{}}" for colour in COLOURS]
+
+
+def colour_prompts() -> tuple[list[str], list[str]]:
+    """Class names and prompt templates for zero-shot colour classification ("{} circle", one per shape)."""
+    return list(COLOURS), [f"{{}} {shape}" for shape in SHAPES]
+
+
+def combo_prompts() -> tuple[list[str], list[str]]:
+    """Class names (``"red circle"``, shape-major order) and the template for all 48 combinations."""
+    return [f"{colour} {shape}" for shape, colour in itertools.product(SHAPES, COLOURS)], ["{}"]
+
+
+def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Polygon vertices of ``shape`` inscribed in the circle of radius ``r`` around ``(cx, cy)``."""
+    if shape == "square":
+        polar = [(r, math.radians(45 + 90 * k)) for k in range(4)]
+    elif shape == "triangle":
+        # Slightly enlarged: an inscribed equilateral triangle covers much less area than the other shapes.
+        polar = [(1.1 * r, math.radians(-90 + 120 * k)) for k in range(3)]
+    elif shape == "star":
+        polar = [(r if k % 2 == 0 else 0.45 * r, math.radians(-90 + 36 * k)) for k in range(10)]
+    elif shape == "cross":
+        # A plus sign: arms of half-width w reaching to r, traced as 12 corners.
+        w = 0.34 * r
+        corners = [
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+        ]
+        polar = [(math.hypot(x, y), math.atan2(y, x)) for x, y in corners]
+    elif shape == "heart":
+        # The classic parametric heart, scaled so it spans about 2r; it stays upright.
+        t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) - 2.5
+        scale = 0.95 * r / 16
+        return [(cx + scale * float(a), cy + scale * float(b)) for a, b in zip(x, y)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    rot = math.radians(angle)
+    return [(cx + d * math.cos(a + rot), cy + d * math.sin(a + rot)) for d, a in polar]
+
+
+def _coverage(shape: str, cx: float, cy: float, r: float, angle: float, size: int, antialias: bool) -> np.ndarray:
+    """Fraction of each pixel the shape covers, ``(size, size)`` float32 in [0, 1]."""
+    ss = _SUPERSAMPLE if antialias else 1
+    mask = Image.new("L", (size * ss, size * ss), 0)
+    draw = ImageDraw.Draw(mask)
+    # Pixel centres sit at +0.5, so shift by that before scaling up to the supersampled grid.
+    cx, cy, r = (cx * ss - 0.5 * (ss - 1)), (cy * ss - 0.5 * (ss - 1)), r * ss
+    if shape == "circle":
+        rr = 0.9 * r
+        draw.ellipse((cx - rr, cy - rr, cx + rr, cy + rr), fill=255)
+    else:
+        draw.polygon(_outline(shape, cx, cy, r, angle), fill=255)
+    if ss > 1:
+        mask = mask.reduce(ss)  # box filter: the exact covered fraction per output pixel
+    return np.asarray(mask, dtype=np.float32) * (1.0 / 255.0)
+
+
+def _place(rng: np.random.Generator, size: int, box: tuple[float, float, float, float], kind: str) -> dict:
+    """Draw radius, cell of the 3 x 3 grid and centre of one shape inside ``box`` (x0, y0, x1, y1)."""
+    lo, hi = _RADIUS[kind]
+    r = rng.uniform(lo, hi) * size
+    margin = r + 0.03 * size
+    col, row = int(rng.integers(3)), int(rng.integers(3))
+    centre = []
+    for third, start, stop in ((col, box[0], box[2]), (row, box[1], box[3])):
+        a, b = _THIRDS[third]
+        low, high = start + margin, stop - margin
+        centre.append(low + (high - low) * rng.uniform(a, b))
+    return {"r": r, "cx": centre[0], "cy": centre[1], "position": POSITIONS[3 * row + col]}
+
+
+def _render(rng: np.random.Generator, shapes: list[dict], size: int, antialias: bool) -> Image.Image:
+    # Dark background with a slight random tint, so every colour (white included) stands out.
+    level = rng.uniform(15, 55)
+    background = np.clip(level + rng.uniform(-6, 6, size=3), 0, 255).astype(np.float32)
+    pixels = np.broadcast_to(background, (size, size, 3)).copy()
+    for s in shapes:
+        rgb = np.clip(np.asarray(COLOUR_RGB[s["colour"]], np.float32) + rng.uniform(-15, 15, 3), 0, 255)
+        alpha = _coverage(s["shape"], s["cx"], s["cy"], s["r"], s["angle"], size, antialias)[..., None]
+        pixels += alpha * (rgb.astype(np.float32) - pixels)
+    # Uniform noise (std 1 to 4 grey levels): looks the same as Gaussian here and is 4x cheaper to draw.
+    noise = rng.random((size, size, 3), dtype=np.float32) - np.float32(0.5)
+    pixels += noise * np.float32(math.sqrt(12.0) * rng.uniform(1.0, 4.0))
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _phrase(s: dict) -> str:
+    return with_article(f"{s['colour']} {s['shape']}")
+
+
+def _single_caption(rng: np.random.Generator, s: dict, template: str | None) -> str:
+    if template is None:
+        template = _SINGLE_TEMPLATES[int(rng.integers(len(_SINGLE_TEMPLATES)))]
+    return template.format(
+        a_colour=with_article(s["colour"]),
+        colour=s["colour"],
+        shape=s["shape"],
+        a_shape=with_article(s["shape"]),
+        a_size=with_article(s["size"]),
+        size=s["size"],
+        where=_PHRASE[s["position"]],
+    )
+
+
+def _pair_caption(rng: np.random.Generator, first: dict, second: dict, horizontal: bool) -> str:
+    template = _PAIR_TEMPLATES[int(rng.integers(len(_PAIR_TEMPLATES)))]
+    a, b = _phrase(first), _phrase(second)
+    if "{relation}" not in template and rng.random() < 0.5:
+        a, b = b, a  # order carries no meaning unless a relation is stated
+    return template.format(first=a, second=b, relation="to the left of" if horizontal else "above")
+
+
+def _pick_combo(rng: np.random.Generator, pool: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    return pool[int(rng.integers(len(pool)))]
+
+
+def make_shape_sample(
+    index: int,
+    split: str = "train",
+    seed: int = 0,
+    image_size: int = 64,
+    antialias: bool = True,
+    two_shape_share: float = TRAIN_TWO_SHAPE_SHARE,
+) -> ShapeSample:
+    """Generate sample ``index`` of ``split``; the same arguments always give the same sample.
+
+    Args:
+        index: position in the split (any non-negative integer).
+        split: ``"train"`` or ``"heldout"``.
+        seed: data set seed.
+        image_size: side of the square image in pixels (at least 16).
+        antialias: draw at 4x resolution and box-filter down, for smooth edges.
+        two_shape_share: probability that a training image shows two shapes (held-out images
+            always show one).
+    """
+    split_id = check_split(split)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an integer >= 16, got {image_size!r}")
+    if not 0.0 <= two_shape_share <= 1.0:
+        raise ValueError(f"two_shape_share must be in [0, 1], got {two_shape_share}")
+    rng = sample_rng("shapes", seed, split, index)
+    size = image_size
+    if split_id == 0 and rng.random() < two_shape_share:
+        # Two small shapes, one per half; distinct colours and shapes so the caption is unambiguous.
+        horizontal = bool(rng.random() < 0.5)
+        first = _pick_combo(rng, SEEN_COMBOS)
+        rest = tuple(c for c in SEEN_COMBOS if c[0] != first[0] and c[1] != first[1])
+        combos = [first, _pick_combo(rng, rest)]
+        halves = (
+            [(0, 0, size / 2, size), (size / 2, 0, size, size)]
+            if horizontal
+            else [
+                (0, 0, size, size / 2),
+                (0, size / 2, size, size),
+            ]
+        )
+        shapes = []
+        for (shape, colour), box in zip(combos, halves):
+            placed = _place(rng, size, box, "small")
+            placed["position"] = ("left", "right")[len(shapes)] if horizontal else ("top", "bottom")[len(shapes)]
+            shapes.append({"shape": shape, "colour": colour, "size": "small", **placed})
+        caption = _pair_caption(rng, shapes[0], shapes[1], horizontal)
+    else:
+        unseen = split_id == 1 and index % HELDOUT_UNSEEN_EVERY == 0
+        shape, colour = _pick_combo(rng, UNSEEN_COMBOS if unseen else SEEN_COMBOS)
+        kind = SIZES[int(rng.integers(2))]
+        shapes = [{"shape": shape, "colour": colour, "size": kind, **_place(rng, size, (0, 0, size, size), kind)}]
+        caption = _single_caption(rng, shapes[0], _HELDOUT_TEMPLATE if split_id == 1 else None)
+    for s in shapes:
+        period = _ROTATION_PERIOD[s["shape"]]
+        if not period:
+            s["angle"] = 0.0
+        elif _MAX_TILT is None:
+            s["angle"] = float(rng.uniform(0, period))
+        else:
+            s["angle"] = float(rng.uniform(-_MAX_TILT, _MAX_TILT))
+    image = _render(rng, shapes, size, antialias)
+    single = len(shapes) == 1
+    attrs = {
+        "shape": shapes[0]["shape"] if single else None,
+        "colour": shapes[0]["colour"] if single else None,
+        "size": shapes[0]["size"] if single else None,
+        "position": shapes[0]["position"] if single else None,
+        "num_shapes": len(shapes),
+        "shapes": [{k: s[k] for k in ("shape", "colour", "size", "position")} for s in shapes],
+        "unseen": any((s["shape"], s["colour"]) in UNSEEN_COMBOS for s in shapes),
+    }
+    return ShapeSample(image=image, caption=caption, attrs=attrs)
+
+
+class ShapesDataset(Dataset):
+    """Map-style dataset of ``n`` shape images generated on the fly (see ``make_shape_sample``).
+
+    Items are ``{"image": transform(image) or the PIL image, "text": token ids (L,) if a tokenizer
+    is given, "meta": {"caption": ..., **attrs}}``. Nothing is stored, so any number of DataLoader
+    workers can share one instance, and item ``i`` is the same in every worker and epoch.
+
+    Args:
+        split: ``"train"`` or ``"heldout"``.
+        n: number of samples.
+        seed: data set seed.
+        image_size: image side in pixels.
+        transform: applied to the PIL image (e.g. ``polymodal.get_preprocess(name, "image")``).
+        tokenizer: maps a list of strings to ``(B, L)`` token ids (e.g. ``CLIPTokenizer``).
+        antialias: smooth shape edges.
+        two_shape_share: share of two-shape images in ``"train"``.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        n: int = 10000,
+        seed: int = 0,
+        image_size: int = 64,
+        transform: Callable[[Image.Image], Any] | None = None,
+        tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        antialias: bool = True,
+        two_shape_share: float = TRAIN_TWO_SHAPE_SHARE,
+    ) -> None:
+        check_split(split)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        self.split, self.n, self.seed = split, n, seed
+        self.options = {"image_size": image_size, "antialias": antialias, "two_shape_share": two_shape_share}
+        self.transform = transform
+        self.tokenizer = tokenizer
+        make_shape_sample(0, split, seed, **self.options)  # reject bad options now, not in a worker
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = dataset_index(index, self.n, type(self).__name__)
+        sample = make_shape_sample(index, self.split, self.seed, **self.options)
+        item: dict[str, Any] = {"image": self.transform(sample.image) if self.transform else sample.image}
+        if self.tokenizer is not None:
+            item["text"] = self.tokenizer([sample.caption])[0]
+        item["meta"] = {"caption": sample.caption, "index": index, **sample.attrs}
+        return item

@@ -1,0 +1,100 @@
+"""Training checkpoints: weights as safetensors plus a training-state file, written atomically.
+
+A checkpoint is a directory ``run_dir/checkpoints/step_XXXXXXXX`` holding ``config.json`` and
+``model.safetensors`` (loadable with ``polymodal.from_pretrained``), ``ema.safetensors`` when an EMA is
+kept, ``training_state.pt`` (optimizer, scheduler, scaler, RNG states, data position, counters) and,
+written last, a ``COMPLETE`` marker. The directory is assembled under a temporary name and renamed
+into place, so a crash mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from polymodal.checkpoint import atomic_directory, save_state_dict
+
+STATE_NAME = "training_state.pt"
+EMA_NAME = "ema.safetensors"
+COMPLETE = "COMPLETE"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step touches, in a form ``torch.load(weights_only=True)`` reads back."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def save_training_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    training_state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write one checkpoint atomically and prune all but the ``keep`` newest complete ones."""
+    destination = checkpoint_dir(run_dir, step)
+    with atomic_directory(destination, overwrite=True) as tmp:
+        model.write_pretrained_files(tmp)
+        if ema_state is not None:
+            save_state_dict(ema_state, tmp / EMA_NAME)
+        torch.save(training_state, tmp / STATE_NAME)
+        (tmp / COMPLETE).write_text(f"{step}\n")
+    for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return destination
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first (directories without the marker are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """``"latest"`` → newest complete checkpoint (``None`` when there is none yet); a path → that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a complete training checkpoint (no {COMPLETE} marker)")
+    return path
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)

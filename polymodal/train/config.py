@@ -1,0 +1,280 @@
+"""Training configuration: dataclasses loaded from YAML (``yaml.safe_load``) with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    """Which model to train.
+
+    Args:
+        name: registered model name (``polymodal list-models``) or a saved model directory.
+        pretrained: weights to start from (any format ``create_model`` accepts).
+        overrides: ``create_model`` overrides, e.g. ``{"image": {"patch_dropout": 0.5}}``.
+        lock: towers to freeze, mapped to how many of their last layer groups stay trainable.
+        grad_checkpointing: recompute activations in the backward pass to save memory.
+        compile: wrap the model in ``torch.compile``.
+    """
+
+    name: str = "clip-vit-tiny"
+    pretrained: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    lock: dict[str, int] = field(default_factory=dict)
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DataSection:
+    """Where pairs come from.
+
+    Args:
+        source: ``"shapes"`` / ``"tones"`` (built-in, generated on the fly), ``"csv"`` (an index file:
+            CSV, TSV or JSONL) or ``"wds"`` (WebDataset shards).
+        train: index path or shard URLs for ``csv`` / ``wds``.
+        eval: held-out index path or shard URLs; the built-in data has its own held-out split.
+        train_size: number of generated training pairs (built-in data).
+        eval_size: number of generated held-out pairs (built-in data).
+        image_key, audio_key, caption_key: column (or member) names.
+        batch_size: global batch size, split evenly over ranks.
+        num_workers: DataLoader worker processes per rank.
+        seed: data seed (generation, shuffling, augmentation).
+        skip_budget: stop when more than this fraction of samples is bad.
+        epoch_samples: samples per epoch for streamed WebDataset shards.
+        augment: use the random training transform (otherwise the eval transform).
+    """
+
+    source: str = "shapes"
+    train: str | None = None
+    eval: str | None = None
+    train_size: int = 20000
+    eval_size: int = 1000
+    image_key: str = "image"
+    audio_key: str = "audio"
+    caption_key: str = "caption"
+    batch_size: int = 128
+    num_workers: int = 1
+    seed: int = 0
+    skip_budget: float = 0.1
+    epoch_samples: int | None = None
+    augment: bool = False
+
+
+@dataclass
+class OptimSection:
+    """AdamW, the schedule and the update rule.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (never applied to norms, biases, embeddings or the temperature).
+        betas, eps: AdamW moments.
+        warmup_steps: linear warm-up before the cosine decay.
+        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``.
+        grad_clip: clip the global gradient norm (``None`` or 0: off).
+        accum_steps: micro-batches per optimiser step; the contrastive loss still sees the whole batch.
+        ema_decay: keep an exponential moving average of the weights (``None``: off).
+        loss: ``"clip"`` (softmax InfoNCE) or ``"siglip"`` (sigmoid).
+        local_loss: with ``clip``, each rank scores only its own rows against the global batch.
+        max_nonfinite: stop after this many consecutive steps with a non-finite loss or gradient.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    accum_steps: int = 1
+    ema_decay: float | None = None
+    loss: str = "clip"
+    local_loss: bool = False
+    max_nonfinite: int = 5
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run.
+
+    Args:
+        run_dir: where checkpoints, metrics, the resolved config, the report and plots go.
+        steps: optimiser steps to run.
+        seed: model initialisation and global RNG seed.
+        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast with a gradient scaler; CUDA only).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        threads: CPU threads for torch (``None``: torch's default).
+        log_every: steps between metric lines.
+        eval_every: steps between evaluations on the held-out split (0: only at the end).
+        save_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        tensorboard: also write TensorBoard scalars.
+        progress: show a tqdm progress bar.
+        resume: ``"latest"`` (newest complete checkpoint in run_dir, or a fresh start when there is none),
+            a checkpoint directory, or ``None``.
+        overwrite: a fresh run may delete the outputs of an earlier run in ``run_dir``.
+    """
+
+    run_dir: str = "runs/train"
+    steps: int = 1000
+    seed: int = 0
+    precision: str = "fp32"
+    device: str = "auto"
+    threads: int | None = None
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+    resume: str | None = None
+    overwrite: bool = False
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+
+    def __post_init__(self) -> None:
+        for name, kind in (("model", ModelSection), ("data", DataSection), ("optim", OptimSection)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build(kind, value, name))
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (
+                self.precision in ("fp32", "bf16", "fp16"),
+                f"precision must be fp32, bf16 or fp16, got {self.precision!r}",
+            ),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.steps > 0, f"steps must be positive, got {self.steps}"),
+            (self.optim.accum_steps >= 1, f"optim.accum_steps must be >= 1, got {self.optim.accum_steps}"),
+            (self.optim.loss in ("clip", "siglip"), f"optim.loss must be clip or siglip, got {self.optim.loss!r}"),
+            (
+                self.data.source in ("shapes", "tones", "csv", "wds"),
+                f"data.source must be shapes, tones, csv or wds, got {self.data.source!r}",
+            ),
+            (
+                self.data.source in ("shapes", "tones") or self.data.train,
+                f"data.train (an index file or shard URLs) is required for data.source={self.data.source!r}",
+            ),
+            (self.data.batch_size > 0, f"data.batch_size must be positive, got {self.data.batch_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _build(cls, data, "config")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(kind: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; expected some of {sorted(names)}")
+    hints = get_type_hints(kind)
+    return kind(**{key: _coerce(value, hints[key], f"{where}.{key}") for key, value in data.items()})
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check (and gently convert) a YAML value against a field's type, e.g. the string "3e-4" to a float."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if dataclasses.is_dataclass(hint) or hint is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ValueError(f"{where} must be {hint.__name__}, got {value!r}")
+
+
+def _parse_value(text: str) -> Any:
+    """``key=value`` values are YAML scalars: ``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``, strings."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (dotted paths, YAML values) to a config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = _parse_value(raw)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe (``None``: defaults) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{str(path)!r} must hold a YAML mapping, got {type(data).__name__}")
+    return TrainConfig.from_dict(apply_overrides(data, overrides or []))

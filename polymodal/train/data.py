@@ -1,0 +1,179 @@
+"""Building the training and evaluation data of a run: datasets, a resumable sampler, loaders."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from polymodal.datasets import collate_samples
+
+from .config import DataSection
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from several parts (unlike ``hash()``, the same in every process)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class SeededSamples(Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) around each sample, so random augmentation is the same
+    whichever worker loads it and however far into the epoch a resumed run starts."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffles per epoch from (seed, epoch), splits each *global* batch into contiguous per-rank slices,
+    drops the incomplete last global batch, and can start at any batch of an epoch.
+
+    With this split, the union of the ranks' i-th local batches is exactly the i-th global batch a
+    single process would see, which makes N-rank and 1-rank runs comparable step for step.
+    """
+
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"data.batch_size {global_batch} must be divisible by the number of ranks {world_size}")
+        if size < global_batch:
+            raise ValueError(f"the dataset has {size} samples, fewer than one batch of {global_batch}")
+        self.size, self.global_batch, self.rank, self.world_size, self.seed = size, global_batch, rank, world_size, seed
+        self.local_batch = global_batch // world_size
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, "order", self.epoch))
+        order = torch.randperm(self.size, generator=g)
+        for b in range(self.start_batch, self.batches_per_epoch):
+            start = b * self.global_batch + self.rank * self.local_batch
+            yield from order[start : start + self.local_batch].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.local_batch
+
+
+@dataclass
+class RunData:
+    """The datasets of a run and what evaluation needs to know about them."""
+
+    train: Dataset
+    eval: Dataset | None
+    modalities: tuple[str, ...]
+    zero_shot: dict[str, tuple[list[str], list[str]]]  # attribute -> (class names, templates)
+    unseen_key: str | None  # meta key that marks held-out samples with unseen combinations
+
+
+def build_datasets(cfg: DataSection, model_config, tokenizer, train_transform, eval_transform) -> RunData:
+    """Datasets for ``cfg.source``; the built-in sources also bring their zero-shot prompts."""
+    from polymodal import datasets as pd
+
+    if cfg.source == "shapes":
+        size = model_config.towers["image"].args.get("image_size", 64)
+        train = pd.ShapesDataset(
+            "train", cfg.train_size, cfg.seed, image_size=size, transform=train_transform, tokenizer=tokenizer
+        )
+        held = pd.ShapesDataset(
+            "heldout", cfg.eval_size, cfg.seed, image_size=size, transform=eval_transform, tokenizer=tokenizer
+        )
+        return RunData(
+            train, held, ("image", "text"), {"shape": pd.shape_prompts(), "colour": pd.colour_prompts()}, "unseen"
+        )
+    if cfg.source == "tones":
+        audio = model_config.towers["audio"].args
+        rate = audio.get("sample_rate", 16000)
+        train = pd.TonesDataset("train", cfg.train_size, cfg.seed, sample_rate=rate, tokenizer=tokenizer)
+        held = pd.TonesDataset("heldout", cfg.eval_size, cfg.seed, sample_rate=rate, tokenizer=tokenizer)
+        return RunData(train, held, ("audio", "text"), pd.tone_prompts(), "unseen")
+    modality = "image" if "image" in model_config.towers else "audio"
+    if cfg.source == "csv":
+
+        def make(path, transform):
+            if modality == "image":
+                return pd.ImageTextDataset(
+                    path, transform, tokenizer, image_key=cfg.image_key, caption_key=cfg.caption_key
+                )
+            rate = model_config.towers["audio"].args.get("sample_rate", 16000)
+            return pd.AudioTextDataset(
+                path,
+                tokenizer,
+                rate,
+                model_config.preprocess.clip_seconds or 1.0,
+                audio_key=cfg.audio_key,
+                caption_key=cfg.caption_key,
+            )
+
+        return RunData(
+            make(cfg.train, train_transform),
+            make(cfg.eval, eval_transform) if cfg.eval else None,
+            (modality, "text"),
+            {},
+            None,
+        )
+    rate = model_config.towers.get("audio").args.get("sample_rate", 16000) if modality == "audio" else None
+    clip = (model_config.preprocess.clip_seconds or 1.0) if modality == "audio" else None
+
+    def stream(urls, transform, resampled):
+        return pd.WebDatasetPairs(
+            urls,
+            modality=modality,
+            transform=transform,
+            tokenizer=tokenizer,
+            sample_rate=rate,
+            clip_seconds=clip,
+            resampled=resampled,
+            epoch_samples=cfg.epoch_samples,
+            seed=cfg.seed,
+        )
+
+    return RunData(
+        stream(cfg.train, train_transform, True),
+        stream(cfg.eval, eval_transform, False) if cfg.eval else None,
+        (modality, "text"),
+        {},
+        None,
+    )
+
+
+def make_loader(
+    dataset: Dataset,
+    local_batch: int,
+    num_workers: int,
+    sampler: Sampler | None = None,
+    pin_memory: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    iterable = isinstance(dataset, IterableDataset)
+    return DataLoader(
+        dataset,
+        batch_size=local_batch,
+        sampler=None if iterable else sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        pin_memory=pin_memory,
+        drop_last=iterable,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,73 @@
+"""AdamW with sensible parameter groups, and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimSection
+
+# Parameters that are scales, offsets, lookup tables or the temperature: decaying them hurts.
+_NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "pos_embed", "cls_token", "token_embedding", "embeddings")
+
+
+def wants_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Weight decay applies to matrices and convolution kernels only, not norms, biases, embeddings, temperature."""
+    if param.ndim < 2:
+        return False
+    return not any(part in name for part in _NO_DECAY_NAMES)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if wants_weight_decay(name, param) else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (is every tower locked?)")
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up from ~0 to 1, then cosine decay to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters and buffers (kept in float32 on the same device)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}

@@ -1,0 +1,246 @@
+"""read_index and the index-file pair datasets (image-text, audio-text)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from polymodal.datasets.pairs import AudioTextDataset, ImageTextDataset, read_index
+from polymodal.datasets.samples import Batch, SkippedSample, collate_samples
+from polymodal.encoders import CLIPTokenizer, image_transform
+
+CONTEXT = 8
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer(context_length=CONTEXT)
+
+
+def _save(image: Image.Image, path, fmt: str = "PNG", **params):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt, **params)
+    return path
+
+
+# -------------------------------------------------------------------------------------- read_index
+
+
+def test_read_csv_quoting_and_empty_cells(tmp_path):
+    path = tmp_path / "index.csv"
+    path.write_text('image,caption,label\na.png,"a cat, sitting",3\nb.png,,\n\nc.png,dog,1\n', encoding="utf-8")
+    rows = read_index(path)
+    assert rows == [
+        {"image": "a.png", "caption": "a cat, sitting", "label": "3"},
+        {"image": "b.png", "caption": None, "label": None},
+        {"image": "c.png", "caption": "dog", "label": "1"},
+    ]
+
+
+def test_read_tsv_keeps_quotes_as_text(tmp_path):
+    path = tmp_path / "index.tsv"
+    path.write_text('image\tcaption\na.png\t"big" dog, with a comma\nb.png\t\n', encoding="utf-8")
+    assert read_index(path) == [
+        {"image": "a.png", "caption": '"big" dog, with a comma'},
+        {"image": "b.png", "caption": None},
+    ]
+    other = tmp_path / "index.txt"
+    other.write_text(path.read_text())
+    assert read_index(other, format="tsv") == read_index(path)
+
+
+def test_read_jsonl_keeps_types_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "index.jsonl"
+    lines = [
+        {"image": "a.png", "caption": "cat", "tags": ["x", "y"]},
+        {"image": "b.png", "caption": None, "score": 0.5},
+    ]
+    path.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
+    assert read_index(path) == lines
+
+
+def test_read_index_errors_name_what_is_wrong(tmp_path):
+    unknown = tmp_path / "index.parquet"
+    unknown.write_text("x")
+    with pytest.raises(ValueError, match=r"'\.parquet'.*format="):
+        read_index(unknown)
+    with pytest.raises(ValueError, match="unknown index format 'xml'"):
+        read_index(unknown, format="xml")
+    with pytest.raises(FileNotFoundError, match="nothing.csv"):
+        read_index(tmp_path / "nothing.csv")
+
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"image": "a.png", "caption": "ok"}\n\n{"image": "b.png", caption: oops}\n')
+    with pytest.raises(ValueError, match="line 3: not valid JSON"):
+        read_index(bad_json)
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text('{"image": "a.png"}\n["b.png", "dog"]\n')
+    with pytest.raises(ValueError, match="line 2: expected a JSON object, got list"):
+        read_index(not_object)
+
+    csv_path = tmp_path / "index.csv"
+    csv_path.write_text("image,text,label\na.png,cat,1\n")
+    with pytest.raises(ValueError, match=r"no column 'caption'; its columns are \['image', 'text', 'label'\]"):
+        read_index(csv_path, required_columns=("image", "caption"))
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("image,caption\na.png,cat\nb.png,a dog, unquoted comma\n")
+    with pytest.raises(ValueError, match="line 3: 3 fields but the header has 2"):
+        read_index(ragged)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        read_index(empty)
+
+
+# ------------------------------------------------------------------------------- ImageTextDataset
+
+
+def _image_fixture(tmp_path):
+    """An index in tmp_path/data with good rows and one row for each kind of bad input."""
+    data = tmp_path / "data"
+    _save(Image.new("RGB", (20, 16), (200, 30, 30)), data / "img" / "red.png")
+    _save(Image.new("RGB", (16, 20), (30, 30, 200)), data / "img" / "sub" / "blue.jpg", "JPEG")
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0] + [0] * 765)
+    _save(palette, data / "img" / "transparent.png", transparency=0)  # all transparent -> white
+    (data / "img" / "zero.png").write_bytes(b"")
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG")
+    (data / "img" / "truncated.jpg").write_bytes(buffer.getvalue()[:300])
+    lines = [
+        "image,caption,label",
+        "img/red.png,a red square,0",
+        "img/sub/blue.jpg,  a blue square  ,1",
+        "img/transparent.png,nothing at all,2",
+        "img/missing.png,a ghost,3",
+        "img/zero.png,zero bytes,4",
+        "img/truncated.jpg,cut short,5",
+        "img/red.png,   ,6",
+        "img/red.png,,7",
+        ",no image,8",
+    ]
+    (data / "index.csv").write_text("\n".join(lines) + "\n")
+    return data / "index.csv"
+
+
+def test_image_text_items_and_skips(tmp_path, tokenizer):
+    index = _image_fixture(tmp_path)
+    transform = image_transform(8, is_train=False, mean=0.0, std=1.0)
+    dataset = ImageTextDataset(index, transform, tokenizer)
+    assert len(dataset) == 9
+    items = [dataset[i] for i in range(len(dataset))]
+
+    red, blue, white = items[:3]
+    assert red["image"].shape == (3, 8, 8) and red["image"].dtype == torch.float32
+    assert red["text"].shape == (CONTEXT,) and red["text"].dtype == torch.long
+    assert torch.equal(red["text"], tokenizer("a red square")[0])
+    assert torch.allclose(red["image"][:, 4, 4], torch.tensor([200, 30, 30]) / 255, atol=1e-6)
+    assert red["meta"] == {
+        "label": "0",
+        "caption": "a red square",
+        "path": str(index.parent / "img" / "red.png"),
+        "index": 0,
+    }
+    assert blue["meta"]["caption"] == "a blue square"
+    assert torch.allclose(white["image"], torch.ones(3, 8, 8))
+    json.dumps([item["meta"] for item in items[:3]])  # meta must be JSON-able
+
+    reasons = [item.reason if isinstance(item, SkippedSample) else None for item in items[3:]]
+    assert reasons == [
+        "missing_file",
+        "zero_bytes",
+        "corrupt_image",
+        "empty_caption",
+        "missing_caption",
+        "missing_file",
+    ]
+    assert "missing.png" in items[3].detail and "row 3" in items[3].detail
+
+
+def test_image_text_root_and_jsonl_rows(tmp_path, tokenizer):
+    images = tmp_path / "elsewhere"
+    _save(Image.new("RGB", (8, 8), (0, 255, 0)), images / "g.png")
+    index = tmp_path / "index.jsonl"
+    rows = [
+        {"file": "g.png", "text": "green", "attributes": {"colour": "green"}},
+        {"file": "g.png"},  # no caption field at all
+        {"file": "g.png", "text": None},
+    ]
+    index.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dataset = ImageTextDataset(
+        index, image_transform(8, False), tokenizer, image_key="file", caption_key="text", root=images
+    )
+    first = dataset[0]
+    assert first["meta"]["attributes"] == {"colour": "green"} and first["meta"]["caption"] == "green"
+    assert [dataset[1].reason, dataset[2].reason] == ["missing_caption", "missing_caption"]
+    with pytest.raises(ValueError, match="no column 'caption'"):
+        ImageTextDataset(index, image_transform(8, False), tokenizer, image_key="file")
+
+
+def test_non_utf8_caption_in_csv_skips_only_that_row(tmp_path, tokenizer):
+    _save(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+    (tmp_path / "index.csv").write_bytes(b"image,caption\na.png,caf\xe9 in latin-1\na.png,fine\n")
+    dataset = ImageTextDataset(tmp_path / "index.csv", image_transform(8, False), tokenizer)
+    assert dataset[0].reason == "bad_encoding"
+    assert dataset[1]["meta"]["caption"] == "fine"
+
+
+def test_dataloader_with_workers_yields_batches(tmp_path, tokenizer):
+    index = _image_fixture(tmp_path)
+    dataset = ImageTextDataset(index, image_transform(8, is_train=False), tokenizer)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_samples)
+    batches = list(loader)
+    assert all(isinstance(b, Batch) for b in batches)
+    assert [b.num_seen for b in batches] == [4, 4, 1]
+    assert sum(len(b) for b in batches) == 3
+    assert batches[0].inputs["image"].shape == (3, 3, 8, 8)
+    assert batches[0].inputs["text"].shape == (3, CONTEXT)
+    skipped = {}
+    for b in batches:
+        for reason, count in b.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    assert skipped == {
+        "missing_file": 2,
+        "zero_bytes": 1,
+        "corrupt_image": 1,
+        "empty_caption": 1,
+        "missing_caption": 1,
+    }
+    assert batches[2].inputs == {} and len(batches[2]) == 0  # the last row is a skip
+
+
+# ------------------------------------------------------------------------------- AudioTextDataset
+
+
+def test_audio_text_items_and_skips(tmp_path, tokenizer):
+    rate = 44100
+    t = np.arange(rate // 2) / rate
+    tone = 0.5 * np.sin(2 * np.pi * 300 * t)
+    soundfile.write(tmp_path / "stereo.wav", np.stack([tone, tone], 1).astype(np.float32), rate, subtype="FLOAT")
+    soundfile.write(tmp_path / "mono.flac", tone.astype(np.float32), rate, format="FLAC")
+    soundfile.write(tmp_path / "silent.wav", np.zeros(1000, np.float32), 16000)
+    index = tmp_path / "index.tsv"
+    index.write_text(
+        "audio\tcaption\tid\n"
+        "stereo.wav\ta low hum\t7\n"
+        "mono.flac\ta hum again\t8\n"
+        "silent.wav\tnothing\t9\n"
+        "absent.wav\tnothing\t10\n"
+    )
+    dataset = AudioTextDataset(index, tokenizer, sample_rate=16000, clip_seconds=1.0)
+    first, second, silent, absent = (dataset[i] for i in range(4))
+    assert first["audio"].shape == (16000,) and first["text"].shape == (CONTEXT,)
+    assert first["meta"] == {"id": "7", "caption": "a low hum", "path": str(tmp_path / "stereo.wav"), "index": 0}
+    assert 0.45 < first["audio"][1000:7000].abs().max() < 0.55
+    assert second["audio"].shape == (16000,)
+    assert (silent.reason, absent.reason) == ("silent_audio", "missing_file")
+    batch = collate_samples([first, silent, second, absent])
+    assert batch.inputs["audio"].shape == (2, 16000) and batch.skipped == {"silent_audio": 1, "missing_file": 1}
+    with pytest.raises(ValueError, match="positive"):
+        AudioTextDataset(index, tokenizer, sample_rate=16000, clip_seconds=0)
