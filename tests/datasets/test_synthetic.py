@@ -128,11 +128,11 @@ def test_shape_colour_position_and_size_are_really_drawn():
         position = sample.attrs["position"]
         for coord, (low_word, high_word) in ((xs.mean(), ("left", "right")), (ys.mean(), ("top", "bottom"))):
             if low_word in position:
-                assert coord < 26, (index, position, coord)
+                assert coord < 27, (index, position, coord)
             elif high_word in position:
-                assert coord > 38, (index, position, coord)
+                assert coord > 36, (index, position, coord)
             else:
-                assert abs(coord - 31.5) < 6.5, (index, position, coord)
+                assert abs(coord - 31.5) < 5, (index, position, coord)
         areas.setdefault((sample.attrs["shape"], sample.attrs["size"]), []).append(int(mask.sum()))
     for shape in SHAPES:
         assert max(areas[shape, "small"]) < min(areas[shape, "large"]), shape
