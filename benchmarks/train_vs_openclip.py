@@ -32,8 +32,7 @@ checked against open_clip's model on the same weights first.
 
 Differences that remain: initial weights (each library's own init, same seed), data order, and weight
 decay groups (open_clip decays the positional and token embeddings, polymodal does not).
-open_clip's csv loader needs pandas, which polymodal does not depend on; when it is missing the launcher
-hands open_clip_train a minimal ``read_csv`` for plain TSV instead.
+open_clip's csv loader needs pandas, which ``polymodal[dev]`` installs.
 
     python benchmarks/train_vs_openclip.py [--train-size 8192] [--epochs 2] [--batch-size 128]
         [--lr 1e-3] [--warmup N] [--wd 0.1] [--workers 1] [--threads 2] [--rounds 1] [--workdir DIR]
@@ -51,7 +50,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -66,24 +64,6 @@ LAUNCH = "_launch_open_clip"  # hidden first argument: run open_clip's trainer i
 # ---------------------------------------------------------------------------- open_clip launcher (subprocess)
 
 
-def _tsv_only_pandas() -> types.ModuleType:
-    """Just enough of pandas for ``open_clip_train.data.CsvDataset``: ``read_csv(path, sep)[column].tolist()``."""
-
-    class Column(list):
-        def tolist(self) -> list:
-            return list(self)
-
-    def read_csv(path, sep: str = ",", **_: object) -> dict[str, Column]:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter=sep, quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL))
-        header, body = rows[0], rows[1:]
-        return {name: Column(row[i] for row in body) for i, name in enumerate(header)}
-
-    module = types.ModuleType("pandas")
-    module.read_csv = read_csv
-    return module
-
-
 def _launch_open_clip(argv: list[str]) -> None:
     """``LAUNCH CONFIG_DIR TIMING_JSON THREADS OPEN_CLIP_ARGS...``: register the config, time the epochs."""
     config_dir, timing_path, threads, *train_argv = argv
@@ -91,17 +71,7 @@ def _launch_open_clip(argv: list[str]) -> None:
     import open_clip
 
     open_clip.add_model_config(config_dir)
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        # Only while open_clip_train is imported, so nothing else mistakes the stand-in for pandas.
-        sys.modules["pandas"] = _tsv_only_pandas()
-        print("pandas is not installed: open_clip_train reads the TSV through a minimal stand-in", file=sys.stderr)
-        try:
-            import open_clip_train.main  # noqa: F401
-        finally:
-            del sys.modules["pandas"]
-    import open_clip_train.main as oc_main
+    import open_clip_train.main as oc_main  # its csv loader needs pandas (a dev dependency of polymodal)
 
     epochs: list[dict[str, float]] = []
     train_one_epoch = oc_main.train_one_epoch

@@ -82,7 +82,8 @@ class ToneSample:
         caption: text naming the waveform, pitch and pattern.
         attrs: JSON-able labels: ``waveform``, ``pitch``, ``pattern``; ``start_hz`` and ``end_hz``
             (equal unless gliding); ``pulse_hz`` (``None`` unless pulsing); ``amplitude`` (peak of
-            the tone before noise); ``unseen``: whether (waveform, pattern) is in ``UNSEEN_TONE_COMBOS``.
+            the tone before noise); ``unseen``: whether (waveform, pattern) is in
+            ``UNSEEN_TONE_COMBOS``; ``mentions``: the attributes the caption states.
     """
 
     audio: np.ndarray
@@ -222,6 +223,7 @@ def make_tone_sample(
         "pulse_hz": pulse_hz,
         "amplitude": amplitude,
         "unseen": (waveform, pattern) in UNSEEN_TONE_COMBOS,
+        "mentions": ["waveform", "pitch", "pattern"],  # every caption states all three
     }
     return ToneSample(audio=audio, sample_rate=sample_rate, caption=caption, attrs=attrs)
 

@@ -173,6 +173,33 @@ class TextTransformer(Encoder):
         weights = keep.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
         return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
+    def _used_length(self, text: torch.Tensor) -> int:
+        """How many leading positions the pooled token can depend on, over the whole batch.
+
+        With causal attention, a token sees only itself and earlier tokens, so everything after the
+        last position that pooling reads (the end-of-text token, or the last non-pad token) cannot
+        change the output. Cutting it off before the transformer gives the same embedding for a
+        fraction of the work: captions are usually much shorter than the context.
+        """
+        L = text.shape[1]
+        if not self.causal or L <= 1 or torch.compiler.is_compiling():
+            return L
+        if self.pool_type == "first":
+            return 1
+        if self.pool_type == "argmax":
+            last = text.argmax(dim=-1)
+        elif self.pool_type == "eos":
+            is_eos = (text == self.eos_token_id).int()
+            if not bool(is_eos.any(-1).all()):
+                return L  # a row without an end-of-text token pools its last position
+            last = is_eos.argmax(-1)
+        else:  # "last" and "mean" read up to the last non-pad token
+            keep = ~self._padding(text)
+            last = (keep.cumsum(-1) * keep).argmax(-1)
+        return int(last.max()) + 1
+
     def forward(self, text: torch.Tensor) -> torch.Tensor:
+        self._check(text)
+        text = text[:, : self._used_length(text)]
         pooled = self.pool(self.forward_features(text), text)
         return self.proj(pooled) if self.proj is not None else pooled

@@ -59,6 +59,8 @@ def apply_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConf
             if not isinstance(value, dict):
                 raise ValueError(f"override {key}= must be a dict of {key} encoder arguments, got {value!r}")
             config.towers[key].args.update(value)
+            if "image_size" in value and key == "image" and "preprocess" not in overrides:
+                config.preprocess.image_size = value["image_size"]  # the transform must produce what the tower takes
         elif key in ("act_layer", "quick_gelu"):
             act = value if key == "act_layer" else ("quick_gelu" if value else "gelu")
             for tower in config.towers.values():

@@ -52,6 +52,9 @@ class DataSection:
         skip_budget: stop when more than this fraction of samples is bad.
         epoch_samples: samples per epoch for streamed WebDataset shards.
         augment: use the random training transform (otherwise the eval transform).
+        builtin: extra arguments of the built-in data's generator, for both splits (e.g.
+            ``{two_shape_share: 0.2, max_rotation: 30}`` for ``shapes``; see ``ShapesDataset`` and
+            ``TonesDataset``).
     """
 
     source: str = "shapes"
@@ -68,6 +71,7 @@ class DataSection:
     skip_budget: float = 0.1
     epoch_samples: int | None = None
     augment: bool = False
+    builtin: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +172,10 @@ class TrainConfig:
                 f"data.train (an index file or shard URLs) is required for data.source={self.data.source!r}",
             ),
             (self.data.batch_size > 0, f"data.batch_size must be positive, got {self.data.batch_size}"),
+            (
+                not self.data.builtin or self.data.source in ("shapes", "tones"),
+                f"data.builtin sets options of the built-in data, but data.source is {self.data.source!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

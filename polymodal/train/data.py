@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,26 +87,36 @@ class RunData:
     unseen_key: str | None  # meta key that marks held-out samples with unseen combinations
 
 
+def _check_builtin_options(cls: type, options: dict[str, Any]) -> None:
+    allowed = set(inspect.signature(cls).parameters) - {"split", "n", "seed", "transform", "tokenizer"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"data.builtin has unknown options {unknown} for {cls.__name__}; expected some of {sorted(allowed)}"
+        )
+
+
 def build_datasets(cfg: DataSection, model_config, tokenizer, train_transform, eval_transform) -> RunData:
     """Datasets for ``cfg.source``; the built-in sources also bring their zero-shot prompts."""
     from polymodal import datasets as pd
 
+    if cfg.source in ("shapes", "tones"):
+        _check_builtin_options(pd.ShapesDataset if cfg.source == "shapes" else pd.TonesDataset, cfg.builtin)
+
     if cfg.source == "shapes":
         size = model_config.towers["image"].args.get("image_size", 64)
-        train = pd.ShapesDataset(
-            "train", cfg.train_size, cfg.seed, image_size=size, transform=train_transform, tokenizer=tokenizer
-        )
-        held = pd.ShapesDataset(
-            "heldout", cfg.eval_size, cfg.seed, image_size=size, transform=eval_transform, tokenizer=tokenizer
-        )
+        options = {"image_size": size, "tokenizer": tokenizer, **cfg.builtin}
+        train = pd.ShapesDataset("train", cfg.train_size, cfg.seed, transform=train_transform, **options)
+        held = pd.ShapesDataset("heldout", cfg.eval_size, cfg.seed, transform=eval_transform, **options)
         return RunData(
             train, held, ("image", "text"), {"shape": pd.shape_prompts(), "colour": pd.colour_prompts()}, "unseen"
         )
     if cfg.source == "tones":
         audio = model_config.towers["audio"].args
         rate = audio.get("sample_rate", 16000)
-        train = pd.TonesDataset("train", cfg.train_size, cfg.seed, sample_rate=rate, tokenizer=tokenizer)
-        held = pd.TonesDataset("heldout", cfg.eval_size, cfg.seed, sample_rate=rate, tokenizer=tokenizer)
+        options = {"sample_rate": rate, "tokenizer": tokenizer, **cfg.builtin}
+        train = pd.TonesDataset("train", cfg.train_size, cfg.seed, **options)
+        held = pd.TonesDataset("heldout", cfg.eval_size, cfg.seed, **options)
         return RunData(train, held, ("audio", "text"), pd.tone_prompts(), "unseen")
     modality = "image" if "image" in model_config.towers else "audio"
     if cfg.source == "csv":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -43,6 +44,38 @@ def embed_dataset(
     return {m: torch.cat(c) for m, c in chunks.items()}, meta
 
 
+def caption_matches(meta: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """Which items are right answers to which captions, in both directions.
+
+    Returns ``(text_to_item, item_to_text)``: for each caption the indices of the items that fit it,
+    and for each item the indices of the captions that fit it. When every meta lists the attributes
+    its caption states (``mentions``, as the built-in data does), an item fits a caption if it has
+    each of those attributes: "a red circle" is answered by any red circle, "a small red circle in
+    the top left" only by small red circles in the top left. Otherwise an item fits the captions
+    identical to its own, as a caption cannot tell apart items it describes equally well.
+    """
+    n = len(meta)
+    if not all(isinstance(m.get("mentions"), (list, tuple)) for m in meta):
+        captions = [m.get("caption", i) for i, m in enumerate(meta)]  # without captions: the pair only
+        groups: dict = {}
+        for i, c in enumerate(captions):
+            groups.setdefault(c, []).append(i)
+        same = [groups[c] for c in captions]
+        return same, same
+    names = sorted({a for m in meta for a in m["mentions"]})
+    codes = {}  # attribute -> (N,) integer code of each item's value
+    for a in names:
+        values: dict[str, int] = {}
+        codes[a] = np.array([values.setdefault(repr(m.get(a)), len(values)) for m in meta])
+    fits = np.zeros((n, n), dtype=bool)  # fits[i, j]: item j shows everything caption i says
+    for i, m in enumerate(meta):
+        row = np.ones(n, dtype=bool)
+        for a in m["mentions"]:
+            row &= codes[a] == codes[a][i]
+        fits[i] = row
+    return [np.flatnonzero(r).tolist() for r in fits], [np.flatnonzero(c).tolist() for c in fits.T]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, tokenizer, data: RunData, device: torch.device, batch_size: int = 256, num_workers: int = 0
@@ -50,18 +83,23 @@ def evaluate(
     """Metrics on the held-out split, plus the embeddings and meta for plots.
 
     Metrics: ``retrieval/text_to_<m>/R@k`` and ``retrieval/<m>_to_text/R@k`` (k = 1, 5, 10) with median
-    ranks; for each zero-shot attribute ``zeroshot/<attr>/top1`` (and ``top5`` when there are more than
-    5 classes) over all held-out samples that carry the attribute, and ``zeroshot/<attr>/unseen_top1``
-    over those whose attribute combination never occurred in training.
+    ranks, counting every item that fits a caption as a match (``caption_matches``); for each zero-shot
+    attribute ``zeroshot/<attr>/top1`` (and ``top5`` when there are more than 5 classes) over all held-out
+    samples that carry the attribute, and ``zeroshot/<attr>/unseen_top1`` over those whose attribute
+    combination never occurred in training.
     """
     if data.eval is None:
         return {}, {}
     other = next(m for m in data.modalities if m != "text")
     emb, meta = embed_dataset(model, data.eval, data.modalities, device, batch_size, num_workers)
     metrics: dict[str, float] = {}
-    one_to_one = torch.arange(len(meta))
-    for name, (q, g) in {f"text_to_{other}": ("text", other), f"{other}_to_text": (other, "text")}.items():
-        for key, value in retrieval_metrics(emb[q], emb[g], one_to_one, ks=(1, 5, 10)).items():
+    text_to_item, item_to_text = caption_matches(meta)
+    directions = {
+        f"text_to_{other}": ("text", other, text_to_item),
+        f"{other}_to_text": (other, "text", item_to_text),
+    }
+    for name, (q, g, relevant) in directions.items():
+        for key, value in retrieval_metrics(emb[q], emb[g], relevant, ks=(1, 5, 10)).items():
             metrics[f"retrieval/{name}/{key}"] = float(value)
     for attr, (classes, templates) in data.zero_shot.items():
         rows = [i for i, m in enumerate(meta) if m.get(attr) in classes]

@@ -106,6 +106,10 @@ def test_encode_functions_and_normalize():
 def test_overrides():
     model = create_model("clip-vit-tiny", image={"image_size": 32}, embed_dim=64, quick_gelu=True)
     assert model.config.towers["image"].args["image_size"] == 32
+    # the image transform follows the tower's new input size
+    from PIL import Image
+
+    assert polymodal.get_preprocess(model, "image")(Image.new("RGB", (100, 80))).shape == (3, 32, 32)
     assert model.config.embed_dim == 64 and model.alignment.embed_dim == 64
     assert type(model.towers["image"].transformer.blocks[0].mlp.act).__name__ == "QuickGELU"
     with pytest.raises(ValueError, match="unknown override 'wdith'"):
@@ -143,7 +147,7 @@ def test_transforms_and_tokenizer():
 
     model, train_tf, eval_tf = polymodal.create_model_and_transforms("clip-vit-tiny")
     img = Image.new("RGB", (80, 50), (200, 10, 10))
-    assert eval_tf(img).shape == (3, 64, 64) and train_tf(img).shape == (3, 64, 64)
+    assert eval_tf(img).shape == (3, 48, 48) and train_tf(img).shape == (3, 48, 48)
     tok = polymodal.get_tokenizer("clip-vit-tiny")
     ids = tok(["a red circle", "a blue square"])
     assert ids.shape == (2, 32)

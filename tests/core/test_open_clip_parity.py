@@ -79,7 +79,8 @@ def test_round_trip_polymodal_open_clip_polymodal(tmp_path, image_tower):
     export_model(model, tmp_path / "oc", to="open_clip")
     # open_clip itself loads the export and agrees
     ref = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
-    images = torch.randn(2, 3, 64, 64)
+    size = model.config.towers["image"].args["image_size"]
+    images = torch.randn(2, 3, size, size)
     text = polymodal.get_tokenizer(model)(TEXTS)
     with torch.no_grad():
         torch.testing.assert_close(ref.encode_image(images), model.encode_image(images), rtol=0, atol=1e-5)

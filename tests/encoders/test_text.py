@@ -74,6 +74,24 @@ def test_pool_types(pool_type):
     torch.testing.assert_close(m(t), m.proj(expected))
 
 
+@pytest.mark.parametrize("pool_type", ["argmax", "eos", "first", "last", "mean"])
+def test_causal_tower_runs_only_the_positions_pooling_reads(pool_type):
+    """Padding after the last position pooling reads is cut off before the blocks: same output and
+    gradients as running the whole context, for less work."""
+    m = tiny_text(pool_type=pool_type, eos_token_id=99)
+    t = ids()  # the longest row ends at position 7 of 16
+    seen = []
+    m.transformer.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    trimmed = m(t)
+    full = m.proj(m.pool(m.forward_features(t), t))
+    torch.testing.assert_close(trimmed, full)
+    assert seen[0] == {"first": 1}.get(pool_type, 8) and seen[1] == 16
+    grads = torch.autograd.grad(trimmed.square().sum(), list(m.parameters()))
+    expected = torch.autograd.grad(full.square().sum(), list(m.parameters()))
+    for g, e in zip(grads, expected):  # equal up to summation order
+        assert (g - e).norm() <= 1e-5 * e.norm() + 1e-7
+
+
 def test_non_causal_masks_padding():
     m = tiny_text(causal=False, pool_type="mean").eval()
     t = ids()

@@ -26,6 +26,7 @@ def test_yaml_and_overrides(tmp_path):
         ({"precision": "fp8"}, "precision must be"),
         ({"data": {"source": "csv"}}, "data.train"),
         ({"steps": 0}, "steps must be positive"),
+        ({"data": {"source": "csv", "train": "x.csv", "builtin": {"max_rotation": 9}}}, "built-in data"),
     ],
 )
 def test_bad_config(data, match):
@@ -38,6 +39,20 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(None, ["optim.lr"])
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_builtin_data_options_reach_the_generator():
+    from polymodal import get_tokenizer
+    from polymodal.train.data import build_datasets
+
+    model_config = create_model("clip-vit-tiny").config
+    cfg = TrainConfig.from_dict({"data": {"train_size": 200, "builtin": {"two_shape_share": 1.0}}}).data
+    data = build_datasets(cfg, model_config, get_tokenizer("clip-vit-tiny"), None, None)
+    assert all(data.train[i]["meta"]["num_shapes"] == 2 for i in range(20))
+    assert all(data.eval[i]["meta"]["num_shapes"] == 1 for i in range(20))  # held-out images show one shape
+    cfg.builtin = {"two_shapes": 1.0}
+    with pytest.raises(ValueError, match=r"unknown options \['two_shapes'\] for ShapesDataset.*two_shape_share"):
+        build_datasets(cfg, model_config, get_tokenizer("clip-vit-tiny"), None, None)
 
 
 def test_no_weight_decay_on_norms_biases_embeddings_temperature():
