@@ -145,6 +145,10 @@ class TextTransformer(Encoder):
 
     def forward_features(self, text: torch.Tensor) -> torch.Tensor:
         self._check(text)
+        return self._tokens(text)
+
+    def _tokens(self, text: torch.Tensor) -> torch.Tensor:
+        """``forward_features`` on already checked ids."""
         L = text.shape[1]
         x = self.token_embedding(text) + self.pos_embed[:L].to(self.token_embedding.weight.dtype)  # (B, L, width)
         if self.causal:
@@ -201,5 +205,5 @@ class TextTransformer(Encoder):
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         self._check(text)
         text = text[:, : self._used_length(text)]
-        pooled = self.pool(self.forward_features(text), text)
+        pooled = self.pool(self._tokens(text), text)  # checked once, above
         return self.proj(pooled) if self.proj is not None else pooled
