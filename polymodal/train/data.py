@@ -36,9 +36,16 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, self.epoch, index))
+        # Only the CPU generator: torch.manual_seed would also queue seeds for every accelerator
+        # backend, recording a stack trace for each (about 1.7 ms per sample, twice the cost of
+        # decoding and augmenting a small PNG).
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(mix_seed(self.seed, self.epoch, index))
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(state)
 
 
 class ResumableSampler(Sampler[int]):
