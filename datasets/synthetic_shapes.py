@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +42,12 @@ __all__ = [
     "UNSEEN_COMBOS",
     "ShapeSample",
     "ShapesDataset",
+    "caption_vocabulary",
     "colour_prompts",
     "combo_prompts",
     "make_shape_sample",
     "shape_prompts",
+    "single_shape_captions",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -258,7 +261,11 @@ def _single_caption(rng: np.random.Generator, s: dict) -> tuple[str, list[str]]:
     """A caption for one shape and the attributes it states."""
     template = _SINGLE_TEMPLATES[int(rng.integers(len(_SINGLE_TEMPLATES)))]
     mentions = ["shape", "colour"] + ["size"] * ("size}" in template) + ["position"] * ("{where}" in template)
-    caption = template.format(
+    return _single_caption_from(template, s), mentions
+
+
+def _single_caption_from(template: str, s: dict) -> str:
+    return template.format(
         a_colour=with_article(s["colour"]),
         colour=s["colour"],
         shape=s["shape"],
@@ -267,7 +274,6 @@ def _single_caption(rng: np.random.Generator, s: dict) -> tuple[str, list[str]]:
         size=s["size"],
         where=_PHRASE[s["position"]],
     )
-    return caption, mentions
 
 
 def _pair_caption(rng: np.random.Generator, first: dict, second: dict, horizontal: bool) -> str:
@@ -276,6 +282,39 @@ def _pair_caption(rng: np.random.Generator, first: dict, second: dict, horizonta
     if "{relation}" not in template and rng.random() < 0.5:
         a, b = b, a  # order carries no meaning unless a relation is stated
     return template.format(first=a, second=b, relation="to the left of" if horizontal else "above")
+
+
+def single_shape_captions(shape: str, colour: str, size: str, position: str) -> list[str]:
+    """Every caption the templates give a one-shape image with these attributes, in template order.
+
+    These are all the right captions of such an image, e.g. the references for scoring a generated
+    caption.
+    """
+    s = {"shape": shape, "colour": colour, "size": size, "position": position}
+    for key, allowed in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS)):
+        if s[key] not in allowed:
+            raise ValueError(f"unknown {key} {s[key]!r}; expected one of {allowed}")
+    return [_single_caption_from(template, s) for template in _SINGLE_TEMPLATES]
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word and punctuation mark a caption (of one or two shapes) can contain, sorted.
+
+    For example to give a caption decoder a vocabulary of just these words.
+    """
+    texts = [
+        *_SINGLE_TEMPLATES,
+        *_PAIR_TEMPLATES,
+        *SHAPES,
+        *COLOURS,
+        *SIZES,
+        *_PHRASE.values(),
+        "a an to the left of above",
+    ]
+    words: set[str] = set()
+    for text in texts:
+        words.update(re.sub(r"\{\w+\}", " ", text).replace(":", " : ").split())
+    return sorted(words)
 
 
 def _pick_combo(rng: np.random.Generator, pool: tuple[tuple[str, str], ...]) -> tuple[str, str]:

@@ -15,6 +15,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "captioner": ["CaptioningModel"],
     "checkpoint": ["CheckpointError", "load_state_dict_strict", "read_state_dict"],
     "config": ["ComponentConfig", "ModelConfig", "PreprocessConfig", "TokenizerConfig", "build_encoder"],
     "export": ["export_model"],

@@ -70,22 +70,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def format_report(report: dict) -> str:
-    """The end-of-run summary: throughput, zero-shot accuracy per attribute and retrieval recall."""
+    """The end-of-run summary: throughput, then the task's own lines (accuracy, recall, ...)."""
     lines = [
         f"trained {report['steps']} steps, {report['samples_seen']} samples in {report['train_seconds']:.0f} s "
         f"({report['samples_per_s']:.0f} samples/s, {report['world_size']} process(es)); "
         f"final loss {report['final_loss']:.4f}"
     ]
-    ev = report.get("eval", {})
-    attrs = sorted({k.split("/")[1] for k in ev if k.startswith("zeroshot/")})
-    for attr in attrs:
-        parts = [f"top-1 {100 * ev[f'zeroshot/{attr}/top1']:.1f}%"]
-        if f"zeroshot/{attr}/unseen_top1" in ev:
-            parts.append(f"unseen combinations {100 * ev[f'zeroshot/{attr}/unseen_top1']:.1f}%")
-        lines.append(f"zero-shot by {attr}: " + ", ".join(parts))
-    for key in sorted(k for k in ev if k.startswith("retrieval/") and "/R@" in k):
-        lines.append(f"{key[len('retrieval/') :]}: {100 * ev[key]:.1f}%")
-    return "\n".join(lines)
+    return "\n".join([*lines, *report.get("summary", [])])
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -127,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("train", help="train a contrastive model from a YAML recipe (works under torchrun)")
+    p = sub.add_parser(
+        "train", help="train from a YAML recipe: contrastive by default, or any trainer task (works under torchrun)"
+    )
     p.add_argument("config", help="YAML recipe, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 data.batch_size=256")
     p.set_defaults(func=_train)
@@ -144,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard-size", type=int, default=1000, help="samples per .tar shard (wds)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     q.set_defaults(func=_synth)
+
+    from polymodal.commands import register_all
+
+    register_all(sub)  # the task commands: zeroshot, index, search, caption, finetune
     return parser
 
 
@@ -155,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -36,7 +36,14 @@ FUSION_TYPES: dict[str, type[nn.Module]] = {
     "attention": fusion.AttentionFusion,
 }
 
-MODEL_KINDS = ("contrastive", "late_fusion")
+MODEL_KINDS = ("contrastive", "late_fusion", "captioner")
+
+
+def decoder_types() -> dict[str, type[nn.Module]]:
+    """Caption decoders by config type name (imported on demand: ``polymodal.tasks`` pulls in matplotlib)."""
+    from polymodal.tasks.captioning import CaptionDecoder
+
+    return {"transformer": CaptionDecoder}
 
 
 @dataclass
@@ -77,14 +84,18 @@ class ModelConfig:
         name: registry name (or a free label for imported models).
         towers: encoder per modality (``"image"``, ``"text"``, ``"audio"``).
         embed_dim: size of the shared embedding space (contrastive) or unused (late fusion).
-        kind: ``"contrastive"`` or ``"late_fusion"``.
+        kind: ``"contrastive"``, ``"late_fusion"`` or ``"captioner"`` (an image tower and a caption
+            decoder, plus a text tower for a CoCa-style contrastive objective).
         init_logit_scale: initial log temperature multiplier, ``ln(1/0.07)`` as in CLIP.
         max_logit_scale: upper clamp of the log multiplier, ``ln(100)``.
         init_logit_bias: initial bias for the sigmoid loss; ``None`` for no bias.
         fusion: the fusion module of a late-fusion classifier.
         num_classes: classes of a late-fusion classifier's head.
-        tokenizer: text tokenisation, when a text tower is present.
+        class_names: optional names of those classes, in the head's order.
+        tokenizer: text tokenisation, when a text tower or a caption decoder is present.
         preprocess: image / audio preprocessing.
+        decoder: the caption decoder of a captioner (``type`` a key of ``decoder_types()``); its
+            ``memory_dim`` defaults to the image tower's width.
     """
 
     name: str
@@ -96,12 +107,15 @@ class ModelConfig:
     init_logit_bias: float | None = None
     fusion: ComponentConfig | None = None
     num_classes: int | None = None
+    class_names: list[str] | None = None
     tokenizer: TokenizerConfig | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    decoder: ComponentConfig | None = None
 
     def __post_init__(self) -> None:
         self.towers = {k: _as(ComponentConfig, v) for k, v in self.towers.items()}
         self.fusion = _as(ComponentConfig, self.fusion) if self.fusion is not None else None
+        self.decoder = _as(ComponentConfig, self.decoder) if self.decoder is not None else None
         self.tokenizer = _as(TokenizerConfig, self.tokenizer) if self.tokenizer is not None else None
         self.preprocess = _as(PreprocessConfig, self.preprocess)
         self.validate()
@@ -115,10 +129,29 @@ class ModelConfig:
             raise ValueError(f"a contrastive model needs at least two towers, {self.name!r} has {sorted(self.towers)}")
         if self.kind == "late_fusion" and (self.fusion is None or not self.num_classes):
             raise ValueError("a late-fusion model needs a fusion config and num_classes")
+        if self.class_names is not None and (
+            len(self.class_names) != self.num_classes
+            or len(set(self.class_names)) != len(self.class_names)
+            or not all(isinstance(c, str) and c for c in self.class_names)
+        ):
+            raise ValueError(
+                f"class_names must be {self.num_classes} distinct non-empty strings (one per class), "
+                f"got {self.class_names!r}"
+            )
+        if self.kind == "captioner":
+            if self.decoder is None or "image" not in self.towers or not set(self.towers) <= {"image", "text"}:
+                raise ValueError(
+                    f"a captioner needs a decoder config and an image tower (plus optionally a text tower), "
+                    f"{self.name!r} has decoder={self.decoder is not None} and towers {sorted(self.towers)}"
+                )
+        elif self.decoder is not None:
+            raise ValueError(f"only captioner models take a decoder; {self.name!r} is a {self.kind} model")
         for modality, tower in self.towers.items():
             validate_component(tower, ENCODER_TYPES, f"towers.{modality}")
         if self.fusion is not None:
             validate_component(self.fusion, FUSION_TYPES, "fusion")
+        if self.decoder is not None:
+            validate_component(self.decoder, decoder_types(), "decoder")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

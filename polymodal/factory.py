@@ -126,9 +126,23 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
     load_state_dict_strict(model, state, source=repr(str(path)))
 
 
+def _newest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a training run directory."""
+    from polymodal.train.checkpoints import complete_checkpoints
+
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(
+            f"{str(run_dir)!r} is a training run without a complete checkpoint yet (checkpoints/ holds none "
+            "with its completion marker); wait for the run to save one"
+        )
+    return found[-1]
+
+
 def from_pretrained(path: str | os.PathLike, device=None, dtype=None) -> nn.Module:
     """Load a saved model directory: polymodal (``save_pretrained``), Hugging Face CLIP or open_clip
-    (``open_clip_config.json`` with its weights)."""
+    (``open_clip_config.json`` with its weights), or a training run directory (``polymodal train``'s
+    ``run_dir``: its newest complete checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist")
@@ -138,6 +152,8 @@ def from_pretrained(path: str | os.PathLike, device=None, dtype=None) -> nn.Modu
             "it holds: use create_model(NAME, pretrained=PATH)"
         )
     config_path = path / CONFIG_NAME
+    if not config_path.is_file() and (path / "checkpoints").is_dir():
+        return from_pretrained(_newest_checkpoint(path), device=device, dtype=dtype)
     if (path / OPEN_CLIP_CONFIG).is_file() and not config_path.is_file():
         data = json.loads((path / OPEN_CLIP_CONFIG).read_text())
         config = config_from_open_clip(data, name=path.name, preprocess=data.get("preprocess_cfg"))

@@ -167,4 +167,8 @@ def build_model(config: ModelConfig, device=None, dtype=None) -> nn.Module:
     """Build the model a config describes, with freshly initialised weights."""
     if config.kind == "contrastive":
         return ContrastiveModel.from_config(config, device=device, dtype=dtype)
+    if config.kind == "captioner":
+        from .captioner import CaptioningModel  # deferred: polymodal.tasks pulls in matplotlib
+
+        return CaptioningModel.from_config(config, device=device, dtype=dtype)
     return LateFusionClassifier.from_config(config, device=device, dtype=dtype)

@@ -1,5 +1,37 @@
-"""Tasks on top of encoders and fusion: zero-shot classification, retrieval metrics and plots."""
+"""Tasks on top of encoders and fusion: zero-shot classification, classification heads and linear probes,
+retrieval metrics, captioning and plots."""
 
+from .captioning import (
+    CaptionDecoder,
+    CaptionOutput,
+    ImageCaptioner,
+    beam_search,
+    caption_loss,
+    cider_d,
+    corpus_bleu,
+    generate,
+    greedy_search,
+    sample,
+)
+from .classification import (
+    BatchLabels,
+    ClassificationHead,
+    ClassificationResult,
+    classification_metrics,
+    default_top_k,
+    evaluate_classifier,
+    model_logits,
+    train_classifier,
+)
+from .index import EmbeddingIndex, IndexMismatchError, SearchResult, model_identity
+from .linear_probe import (
+    DEFAULT_WEIGHT_DECAY,
+    DEFAULT_WEIGHT_DECAYS,
+    LinearProbe,
+    extract_features,
+    fit_linear_probe,
+    split_validation,
+)
 from .plots import plot_confusion, plot_curves, plot_retrieval_grid, plot_similarity_matrix
 from .retrieval_metrics import image_text_retrieval_metrics, recall_at_k, retrieval_metrics, retrieval_ranks
 from .templates import (
@@ -10,6 +42,7 @@ from .templates import (
     check_templates,
     get_templates,
 )
+from .vector_search import FaissSearcher, exact_search
 from .zero_shot import (
     ZeroShotClassifier,
     ZeroShotResult,
@@ -21,17 +54,44 @@ from .zero_shot import (
 
 __all__ = [
     "AUDIO_TEMPLATES",
+    "BatchLabels",
+    "CaptionDecoder",
+    "CaptionOutput",
+    "ClassificationHead",
+    "ClassificationResult",
+    "DEFAULT_WEIGHT_DECAY",
+    "DEFAULT_WEIGHT_DECAYS",
+    "EmbeddingIndex",
+    "FaissSearcher",
     "IMAGE_ENSEMBLE_TEMPLATES",
+    "ImageCaptioner",
+    "IndexMismatchError",
+    "LinearProbe",
     "SIMPLE_IMAGE_TEMPLATES",
+    "SearchResult",
     "TEMPLATE_SETS",
     "ZeroShotClassifier",
     "ZeroShotResult",
+    "beam_search",
     "build_zero_shot_classifier",
+    "caption_loss",
     "check_templates",
+    "cider_d",
+    "classification_metrics",
+    "corpus_bleu",
+    "default_top_k",
+    "evaluate_classifier",
     "evaluate_zero_shot",
+    "exact_search",
+    "extract_features",
+    "fit_linear_probe",
+    "generate",
     "get_templates",
+    "greedy_search",
     "image_text_retrieval_metrics",
     "meta_label_fn",
+    "model_identity",
+    "model_logits",
     "plot_confusion",
     "plot_curves",
     "plot_retrieval_grid",
@@ -39,5 +99,8 @@ __all__ = [
     "recall_at_k",
     "retrieval_metrics",
     "retrieval_ranks",
+    "sample",
+    "split_validation",
+    "train_classifier",
     "zero_shot_accuracy",
 ]

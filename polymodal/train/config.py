@@ -126,6 +126,9 @@ class TrainConfig:
         resume: ``"latest"`` (newest complete checkpoint in run_dir, or a fresh start when there is none),
             a checkpoint directory, or ``None``.
         overwrite: a fresh run may delete the outputs of an earlier run in ``run_dir``.
+        task: what is trained (``polymodal.train.tasks``): ``"contrastive"`` (the default),
+            ``"classify"`` or ``"caption"``.
+        task_args: the task's own options (see its class docstring); checked by the task.
     """
 
     run_dir: str = "runs/train"
@@ -142,6 +145,8 @@ class TrainConfig:
     progress: bool = True
     resume: str | None = None
     overwrite: bool = False
+    task: str = "contrastive"
+    task_args: dict[str, Any] = field(default_factory=dict)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -161,6 +166,14 @@ class TrainConfig:
             ),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.steps > 0, f"steps must be positive, got {self.steps}"),
+            (
+                isinstance(self.task, str) and bool(self.task),
+                f"task must name a trainer task, got {self.task!r}",
+            ),
+            (
+                isinstance(self.task_args, dict),
+                f"task_args must be a mapping, got {type(self.task_args).__name__}",
+            ),
             (self.optim.accum_steps >= 1, f"optim.accum_steps must be >= 1, got {self.optim.accum_steps}"),
             (self.optim.loss in ("clip", "siglip"), f"optim.loss must be clip or siglip, got {self.optim.loss!r}"),
             (

@@ -1,4 +1,5 @@
-"""The contrastive trainer: one CPU to many GPUs (``torchrun -m polymodal train ...``) with the same code."""
+"""The trainer: one CPU to many GPUs (``torchrun -m polymodal train ...``) with the same code, for any task
+(``polymodal.train.tasks``): contrastive pre-training by default, classification, captioning."""
 
 from __future__ import annotations
 
@@ -18,15 +19,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from polymodal.datasets import Batch, SkipBudget
-from polymodal.factory import create_model, get_preprocess, get_tokenizer
-from polymodal.fusion import clip_loss, siglip_loss
 
 from . import checkpoints as ckpt
 from .config import TrainConfig, load_config
-from .data import ResumableSampler, RunData, SeededSamples, build_datasets, make_loader
-from .evaluate import evaluate as evaluate_heldout
+from .data import ResumableSampler, RunData, SeededSamples, make_loader
 from .optim import ModelEma, build_optimizer, build_scheduler
 from .report import MetricsWriter, write_report
+from .tasks import get_task
 
 log = logging.getLogger("polymodal.train")
 
@@ -54,26 +53,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _contrastive_loss(
-    cfg: TrainConfig, embeddings: dict[str, torch.Tensor], scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    if cfg.optim.loss == "siglip":
-        return siglip_loss(embeddings, scale, bias).loss
-    return clip_loss(embeddings, scale, local_loss=cfg.optim.local_loss).loss
-
-
-@contextlib.contextmanager
-def _frozen_buffers(model: nn.Module):
-    """Restore buffers (BatchNorm statistics) after a recomputed forward, so it does not count twice."""
-    saved = [b.detach().clone() for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(model.buffers(), saved):
-                b.copy_(s)
-
-
 class Trainer:
     """Runs ``cfg``: builds model, data and optimiser, trains, evaluates, checkpoints and reports."""
 
@@ -88,25 +67,14 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         _seed_everything(cfg.seed)
 
-        self.model = create_model(
-            cfg.model.name, pretrained=cfg.model.pretrained, device=self.device, **cfg.model.overrides
-        )
-        for modality, unlocked in cfg.model.lock.items():
-            self.model.lock_tower(modality, unlocked_layers=unlocked)
-        if cfg.model.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
-        self.tokenizer = get_tokenizer(self.model)
-        modality = "image" if "image" in self.model.config.towers else "audio"
-        train_tf = get_preprocess(self.model, modality, is_train=cfg.data.augment) if modality == "image" else None
-        eval_tf = get_preprocess(self.model, modality, is_train=False) if modality == "image" else None
-        self.data: RunData = build_datasets(cfg.data, self.model.config, self.tokenizer, train_tf, eval_tf)
-        missing = sorted(set(self.data.modalities) - set(self.model.towers))
-        if missing:
-            raise ValueError(f"the data has {missing} but model {cfg.model.name!r} has towers {self.model.modalities}")
+        self.task = get_task(cfg.task)(cfg)
+        self.model = self.task.build_model(self.device)
+        self.data: RunData = self.task.build_data(self.model)
 
         self.forward_model: nn.Module = self.model
         if self.world > 1:
-            unused = set(self.model.towers) - set(self.data.modalities)
+            towers = getattr(self.model, "towers", {})
+            unused = set(towers) - set(self.data.modalities)
             self.forward_model = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -115,7 +83,7 @@ class Trainer:
         if cfg.model.compile:
             self.forward_model = torch.compile(self.forward_model)
 
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.task.lr_scales(self.model))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.ema = ModelEma(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
@@ -145,7 +113,7 @@ class Trainer:
                 f"run_dir {str(self.run_dir)!r} already holds a run ({', '.join(leftovers)}); pass resume=latest to "
                 "continue it, overwrite=true to replace it, or choose another run_dir"
             )
-        for name in ("metrics.jsonl", "report.json", "curves.png", "retrieval_grid.png", "config.yaml"):
+        for name in ("metrics.jsonl", "report.json", "curves.png", "config.yaml", *self.task.output_names):
             (self.run_dir / name).unlink(missing_ok=True)
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(self.run_dir / name, ignore_errors=True)
@@ -224,79 +192,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _autocast(self):
+    def autocast(self):
+        """The precision context of forward passes (``precision: bf16 | fp16``)."""
         if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward_loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._autocast():
-            out = self.forward_model(**inputs)
-            emb = {m: e.float() for m, e in out.embeddings.items()}
-            return _contrastive_loss(self.cfg, emb, out.logit_scale.float(), out.logit_bias)
-
-    def _backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss``, through the fp16 gradient scaler when there is one."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def _accumulated_backward(self, micro: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Gradient accumulation that keeps the contrastive loss over the whole batch (GradCache).
-
-        1. embed every micro-batch without gradients (remembering the RNG state);
-        2. compute the loss over all embeddings at once and its gradient w.r.t. the embeddings,
-           the temperature and the bias;
-        3. re-run each micro-batch with gradients from the same RNG state and backpropagate those
-           embedding gradients, so parameters get exactly the full-batch gradient.
-        """
-        rng, cached = [], []
-        with torch.no_grad():
-            for inputs in micro:
-                rng.append(torch.get_rng_state())
-                with _frozen_buffers(self.model), self._autocast():
-                    cached.append({m: e.float() for m, e in self.forward_model(**inputs).embeddings.items()})
-        full = {m: torch.cat([c[m] for c in cached]).requires_grad_(True) for m in cached[0]}
-        scale = self.model.alignment.scale().detach().float().requires_grad_(True)
-        bias = self.model.alignment.logit_bias
-        bias = bias.detach().float().requires_grad_(True) if bias is not None else None
-        loss = _contrastive_loss(self.cfg, full, scale, bias)
-        leaves = [*full.values(), scale, *([bias] if bias is not None else [])]
-        grads = torch.autograd.grad(loss, leaves)
-        emb_grads = dict(zip(full, grads))
-        scale_grad, bias_grad = grads[len(full)], (grads[-1] if bias is not None else None)
-        offset, n = 0, len(micro)
-        for i, inputs in enumerate(micro):
-            size = cached[i][next(iter(cached[i]))].shape[0]
-            sync = i == n - 1 or not isinstance(self.forward_model, DistributedDataParallel)
-            context = contextlib.nullcontext() if sync else self.forward_model.no_sync()
-            torch.set_rng_state(rng[i])
-            with context:
-                with self._autocast():
-                    out = self.forward_model(**inputs)
-                # a surrogate whose gradient w.r.t. the parameters is the full-batch gradient
-                surrogate = sum(
-                    (out.embeddings[m].float() * emb_grads[m][offset : offset + size]).sum() for m in out.embeddings
-                )
-                surrogate = surrogate + out.logit_scale.float() * scale_grad / n
-                if bias_grad is not None:
-                    surrogate = surrogate + out.logit_bias.float() * bias_grad / n
-                self._backward(surrogate)
-            offset += size
-        return loss.detach()
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimiser step on a local batch; returns (loss, grad norm, whether the step was applied)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        inputs = {m: batch.inputs[m] for m in self.data.modalities}
         k = self.cfg.optim.accum_steps
         if k == 1:
-            loss = self._forward_loss(inputs)
-            self._backward(loss)
+            with self.autocast():
+                loss = self.task.loss(self.forward_model, batch)
+            self.backward(loss)
             loss = loss.detach()
         else:
-            chunks = {m: x.chunk(k) for m, x in inputs.items()}
-            micro = [{m: chunks[m][i] for m in inputs} for i in range(len(chunks[self.data.modalities[0]]))]
-            loss = self._accumulated_backward(micro)
+            loss = self.task.accumulated_backward(self, batch, k)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -318,7 +236,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.model.alignment.clamp_()
+        self.task.after_step(self.model)
         if self.ema is not None:
             self.ema.update(self.model)
         return loss, grad_norm, True
@@ -328,7 +246,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         metrics, extras = {}, {}
         if self.is_main:
-            metrics, extras = evaluate_heldout(self.model, self.tokenizer, self.data, self.device)
+            metrics, extras = self.task.evaluate(self.model, self.data, self.device)
             self.last_eval_extras = extras
         if dist.is_initialized():
             dist.barrier()
@@ -389,7 +307,7 @@ class Trainer:
                         "step": self.step,
                         "loss": loss.item(),
                         "lr": self.scheduler.get_last_lr()[0],
-                        "logit_scale": self.model.alignment.scale().item(),
+                        **self.task.log_values(self.model),
                         "grad_norm": grad_norm.item(),
                         "samples_per_s": window_samples / max(elapsed, 1e-9),
                         "skipped": sum(self.budget.summary().get("by_reason", {}).values()),
@@ -410,6 +328,7 @@ class Trainer:
         if eval_metrics:
             self.metrics.write({"step": self.step, **eval_metrics})
         report = {
+            "task": cfg.task,
             "steps": self.step,
             "samples_seen": self.samples_seen,
             "train_seconds": train_seconds,
@@ -420,10 +339,11 @@ class Trainer:
             "skips": self.budget.summary(),
             "eval": eval_metrics,
         }
+        report["summary"] = self.task.summary_lines(report)
         if self.is_main:
-            write_report(
-                self.run_dir, report, self.metrics.rows, getattr(self, "last_eval_extras", {}), self.data, self.model
-            )
+            write_report(self.run_dir, report, self.metrics.rows)
+            extras = getattr(self, "last_eval_extras", {})
+            self.task.write_outputs(self.run_dir, report, self.metrics.rows, extras, self.data, self.model)
         self.metrics.close()
         return report
 

@@ -20,18 +20,27 @@ def wants_weight_decay(name: str, param: nn.Parameter) -> bool:
     return not any(part in name for part in _NO_DECAY_NAMES)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+def build_optimizer(
+    model: nn.Module, cfg: OptimSection, lr_scales: dict[str, float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; ``lr_scales`` maps parameter-name prefixes to multipliers of ``cfg.lr``
+    (the longest matching prefix wins; others get ``cfg.lr``)."""
+    lr_scales = lr_scales or {}
+    by_scale: dict[float, tuple[list[nn.Parameter], list[nn.Parameter]]] = {1.0: ([], [])}
     for name, param in model.named_parameters():
         if param.requires_grad:
+            prefix = max((p for p in lr_scales if name.startswith(p)), key=len, default=None)
+            decay, no_decay = by_scale.setdefault(1.0 if prefix is None else float(lr_scales[prefix]), ([], []))
             (decay if wants_weight_decay(name, param) else no_decay).append(param)
-    if not decay and not no_decay:
+    params = [p for pair in by_scale.values() for group in pair for p in group]
+    if not params:
         raise ValueError("the model has no trainable parameters (is every tower locked?)")
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    params = decay + no_decay
+    groups = []
+    for scale, (decay, no_decay) in by_scale.items():
+        if scale != 1.0 and not decay and not no_decay:
+            continue
+        groups.append({"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr * scale})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * scale})
     # the fused kernel makes one pass over each tensor instead of ~10 (6x faster on CPU for clip-vit-tiny)
     fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params) and all(
         p.device.type in ("cpu", "cuda") for p in params

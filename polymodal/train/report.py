@@ -48,28 +48,35 @@ class MetricsWriter:
             self.tb.close()
 
 
-def write_report(run_dir: Path, report: dict[str, Any], rows: list[dict], extras: dict[str, Any], data, model) -> None:
-    """``report.json`` plus ``curves.png`` and, for image data, ``retrieval_grid.png``."""
-    from polymodal.tasks import plot_curves, plot_retrieval_grid
+def write_report(run_dir: Path, report: dict[str, Any], rows: list[dict]) -> None:
+    """``report.json`` and, when metrics were logged, ``curves.png`` (every task's losses and metrics)."""
+    from polymodal.tasks import plot_curves
 
     atomic_write_bytes(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     if rows:
         plot_curves(rows, run_dir / "curves.png", overwrite=True)
-    if extras and extras.get("modality") == "image":
-        emb, meta = extras["embeddings"], extras["meta"]
-        queries = list(range(0, len(meta), max(1, len(meta) // 6)))[:6]
-        sims = emb["text"][queries] @ emb["image"].T
-        top = sims.topk(5, dim=-1).indices
-        wanted = sorted(set(top.flatten().tolist()))
-        images = {i: data.eval[i]["image"] for i in wanted}
-        pre = model.config.preprocess
-        plot_retrieval_grid(
-            [meta[q]["caption"] for q in queries],
-            [images[i] for i in top.flatten().tolist()],
-            torch.arange(top.numel()).view_as(top),
-            run_dir / "retrieval_grid.png",
-            correct=top == torch.tensor(queries).unsqueeze(1),
-            mean=pre.mean,
-            std=pre.std,
-            overwrite=True,
-        )
+
+
+def write_retrieval_grid(run_dir: Path, extras: dict[str, Any], data, model) -> None:
+    """``retrieval_grid.png``: the top 5 held-out images for six held-out captions (image data only)."""
+    from polymodal.tasks import plot_retrieval_grid
+
+    if not extras or extras.get("modality") != "image":
+        return
+    emb, meta = extras["embeddings"], extras["meta"]
+    queries = list(range(0, len(meta), max(1, len(meta) // 6)))[:6]
+    sims = emb["text"][queries] @ emb["image"].T
+    top = sims.topk(min(5, sims.shape[1]), dim=-1).indices
+    wanted = sorted(set(top.flatten().tolist()))
+    images = {i: data.eval[i]["image"] for i in wanted}
+    pre = model.config.preprocess
+    plot_retrieval_grid(
+        [meta[q]["caption"] for q in queries],
+        [images[i] for i in top.flatten().tolist()],
+        torch.arange(top.numel()).view_as(top),
+        run_dir / "retrieval_grid.png",
+        correct=top == torch.tensor(queries).unsqueeze(1),
+        mean=pre.mean,
+        std=pre.std,
+        overwrite=True,
+    )

@@ -6,6 +6,7 @@ import torch
 import polymodal
 from polymodal import ContrastiveModel, ContrastiveOutput, create_model, list_models
 from polymodal.fusion import clip_loss
+from polymodal.tasks.captioning import CaptionOutput, caption_loss
 from tests.helpers import assert_all_params_get_grad
 
 BIG = {"clip-vit-b-32", "clip-vit-b-16", "clip-rn50"}
@@ -61,12 +62,15 @@ def test_forward_backward_every_parameter_learns(name):
                 p.add_(torch.randn_like(p) * 0.01)
     inputs = tiny_inputs(model, batch=2)
     out = model(**inputs)
-    assert isinstance(out, ContrastiveOutput)
+    captioner = model.config.kind == "captioner"  # CoCa: contrastive embeddings plus caption logits
+    assert isinstance(out, CaptionOutput if captioner else ContrastiveOutput)
     assert sorted(out.embeddings) == sorted(model.towers)
     for emb in out.embeddings.values():
         assert emb.shape == (2, model.config.embed_dim)
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
     loss = clip_loss(out.embeddings, out.logit_scale).loss
+    if captioner:
+        loss = loss + caption_loss(out.caption_logits, out.caption_targets)
     assert_all_params_get_grad(model, loss)
 
 

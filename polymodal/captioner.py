@@ -1,0 +1,56 @@
+"""The captioner of the core: ``polymodal.tasks.ImageCaptioner`` built from, and saved with, a ``ModelConfig``.
+
+A model config of kind ``"captioner"`` holds an image tower, a ``decoder`` and optionally a text tower
+(CoCa-style, with the contrastive alignment built as for ``ContrastiveModel``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from polymodal.fusion import ContrastiveAlignment
+from polymodal.tasks.captioning import ImageCaptioner
+
+from .checkpoint import PretrainedMixin
+from .config import ComponentConfig, ModelConfig, build_component, build_encoder, decoder_types
+
+__all__ = ["CaptioningModel"]
+
+
+class CaptioningModel(PretrainedMixin, ImageCaptioner):
+    """An image captioner (``polymodal.tasks.ImageCaptioner``) built from, and saved with, a ``ModelConfig``.
+
+    Args:
+        image_encoder: the image tower; the decoder attends to its ``forward_features`` tokens.
+        decoder: the caption decoder.
+        text_encoder: the text tower of a CoCa-style model, or ``None``.
+        alignment: the contrastive projections and temperature, with ``text_encoder``.
+        config: the config the model was built from (kept for ``save_pretrained``).
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        decoder: nn.Module,
+        text_encoder: nn.Module | None = None,
+        alignment: ContrastiveAlignment | None = None,
+        config: ModelConfig | None = None,
+    ) -> None:
+        super().__init__(image_encoder, decoder, text_encoder, alignment)
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, device=None, dtype=None) -> CaptioningModel:
+        towers = {m: build_encoder(c, device=device, dtype=dtype) for m, c in config.towers.items()}
+        args = {"memory_dim": towers["image"].width, **config.decoder.args}
+        decoder = build_component(ComponentConfig(config.decoder.type, args), decoder_types(), device, dtype)
+        alignment = None
+        if "text" in towers:
+            alignment = ContrastiveAlignment(
+                {m: t.output_dim for m, t in towers.items()},
+                config.embed_dim,
+                init_logit_scale=config.init_logit_scale,
+                max_logit_scale=config.max_logit_scale,
+                init_logit_bias=config.init_logit_bias,
+            ).to(device=device, dtype=dtype)
+        return cls(towers["image"], decoder, towers.get("text"), alignment, config)

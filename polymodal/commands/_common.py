@@ -1,0 +1,144 @@
+"""What the task commands share: loading a model, collecting input files, writing outputs safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polymodal.datasets.folder import IMAGE_EXTENSIONS
+
+
+class CommandError(ValueError):
+    """A user error on the command line; ``polymodal.cli.main`` prints it and exits with status 2."""
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise the named device, checked."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def load_model(spec: str, device: torch.device, pretrained: str | None = None) -> nn.Module:
+    """A model from a saved directory (polymodal, Hugging Face CLIP or open_clip), or a registered
+    name with ``pretrained`` weights; in eval mode on ``device``.
+
+    A bare registered name without weights is refused: its random weights would give meaningless
+    predictions that look like real ones.
+    """
+    from polymodal.factory import create_model, from_pretrained
+    from polymodal.registry import list_models
+
+    path = Path(spec)
+    if path.is_dir():
+        if pretrained is not None:
+            raise CommandError(f"--model {spec} is a saved model directory; it already has weights, drop --pretrained")
+        model = from_pretrained(path, device=device)
+    elif spec in list_models():
+        if pretrained is None:
+            raise CommandError(
+                f"--model {spec} is a registered architecture with random weights; give its weights with "
+                f"--pretrained FILE, or pass a directory written by save_pretrained or 'polymodal train'"
+            )
+        model = create_model(spec, pretrained=pretrained, device=device)
+    elif path.exists():
+        raise CommandError(f"--model {spec} is a file; pass a model directory, or a registered name with --pretrained")
+    else:
+        raise CommandError(
+            f"--model {spec}: no such model directory, and not a registered model name (see 'polymodal list-models')"
+        )
+    return model.eval()
+
+
+def collect_files(
+    inputs: Sequence[str], extensions: Iterable[str] = IMAGE_EXTENSIONS, what: str = "image"
+) -> list[Path]:
+    """Expand files and directories (searched recursively for ``extensions``) into a sorted file list.
+
+    Raises:
+        CommandError: a path that does not exist, a directory without any such file, or no inputs.
+    """
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+            if not found:
+                raise CommandError(f"directory {item} holds no {what} files (looked for {', '.join(exts)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CommandError(f"{what} path {item} does not exist")
+    if not files:
+        raise CommandError(f"no {what} files given")
+    return files
+
+
+def load_images(files: Sequence[Path], transform) -> torch.Tensor:
+    """Decode and transform images into a batch ``(N, 3, H, W)``; an unreadable file is an error naming it."""
+    from polymodal.datasets import SampleError, decode_image
+
+    batch = []
+    for path in files:
+        try:
+            image = decode_image(path)
+        except SampleError as err:
+            raise CommandError(f"{path} is not a readable image: {err}") from err
+        batch.append(transform(image))
+    return torch.stack(batch)
+
+
+def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:
+    """Class names from ``--labels "a,b,c"`` or ``--labels-file FILE`` (one per line), checked."""
+    if (labels is None) == (labels_file is None):
+        raise CommandError("give the class names with exactly one of --labels 'cat,dog' or --labels-file FILE")
+    if labels_file is not None:
+        path = Path(labels_file)
+        if not path.is_file():
+            raise CommandError(f"label file {labels_file} does not exist")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n and not n.startswith("#")]
+        source = f"label file {labels_file}"
+    else:
+        names = [n.strip() for n in labels.split(",")]
+        if any(not n for n in names):
+            raise CommandError(f"--labels {labels!r} has an empty label; separate non-empty names with commas")
+        source = "--labels"
+    if not names:
+        raise CommandError(f"{source} holds no labels")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CommandError(f"{source} repeats labels {duplicates}; each label must appear once")
+    return names
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename; refuse to replace a file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CommandError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

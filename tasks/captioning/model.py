@@ -1,0 +1,147 @@
+"""An image captioner: an image encoder, a caption decoder, and optionally a text tower (CoCa-style).
+
+With only an image encoder, the model is a plain captioner trained by teacher forcing. With a text
+encoder and a ``ContrastiveAlignment`` as well, ``forward`` also returns normalised image and text
+embeddings, so one training step can add the contrastive loss to the captioning loss (CoCa,
+https://arxiv.org/abs/2205.01917). The image tokens are computed once and serve both the decoder
+and, for a ViT, the pooled image embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...encoders import VisionTransformer
+from ...fusion import ContrastiveAlignment
+from .decoder import CaptionDecoder
+from .generation import generate
+
+
+@dataclass
+class CaptionOutput:
+    """What ``ImageCaptioner.forward`` returns.
+
+    Attributes:
+        caption_logits: ``(M, num_tokens)`` next-token logits at the ``M`` positions that predict a
+            caption token (see ``CaptionDecoder.teacher_forcing``).
+        caption_targets: ``(M,)`` the output columns those positions should predict (the token ids
+            themselves unless the decoder has a ``token_ids`` vocabulary).
+        embeddings: L2-normalised ``{"image", "text"}`` embeddings ``(B, embed_dim)`` of a model with a
+            text tower; empty otherwise.
+        logit_scale: the contrastive temperature multiplier, or ``None`` without a text tower.
+        logit_bias: the sigmoid-loss bias, or ``None``.
+    """
+
+    caption_logits: torch.Tensor
+    caption_targets: torch.Tensor
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    logit_scale: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
+
+
+class ImageCaptioner(nn.Module):
+    """Image encoder + caption decoder, with an optional contrastive text tower.
+
+    Args:
+        image_encoder: an encoder whose ``forward_features`` gives ``(B, N, width)`` tokens; its
+            ``width`` must equal the decoder's ``memory_dim``.
+        decoder: the caption decoder.
+        text_encoder: a text encoder for the contrastive objective (CoCa), or ``None``.
+        alignment: projections of the pooled image and text features into one space, with the
+            temperature; required with ``text_encoder``.
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        decoder: CaptionDecoder,
+        text_encoder: nn.Module | None = None,
+        alignment: ContrastiveAlignment | None = None,
+    ) -> None:
+        super().__init__()
+        if (text_encoder is None) != (alignment is None):
+            raise ValueError("a text encoder and a contrastive alignment go together: give both or neither")
+        width = getattr(image_encoder, "width", None)
+        if width != decoder.memory_dim:
+            raise ValueError(
+                f"the image encoder's tokens are {width} wide but the decoder expects memory_dim={decoder.memory_dim}"
+            )
+        towers = {"image": image_encoder} if text_encoder is None else {"image": image_encoder, "text": text_encoder}
+        self.towers = nn.ModuleDict(towers)
+        self.decoder = decoder
+        self.alignment = alignment
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers)
+
+    # ------------------------------------------------------------------ encoders
+
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The image encoder's tokens ``(B, N, width)``, what the decoder attends to."""
+        return self.towers["image"].forward_features(image)
+
+    def _pooled_image(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        encoder = self.towers["image"]
+        if isinstance(encoder, VisionTransformer):  # pool the tokens already computed instead of a second pass
+            pooled = encoder.pool(tokens)
+            return encoder.proj(pooled) if encoder.proj is not None else pooled
+        return encoder(image)
+
+    def encode(self, modality: str, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Embed ``x`` into the contrastive space (models with a text tower only)."""
+        if self.alignment is None:
+            raise ValueError("this captioner has no text tower, so no contrastive embedding space")
+        if modality not in self.towers:
+            raise ValueError(f"this model has no {modality!r} tower; it has {self.modalities}")
+        return self.alignment({modality: self.towers[modality](x)}, normalize=normalize)[modality]
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.encode("image", image, normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self.encode("text", text, normalize)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> CaptionOutput:
+        """Teacher-forced caption logits for ``image (B, 3, H, W)`` and its caption ``text (B, L)``,
+        plus contrastive embeddings when the model has a text tower."""
+        tokens = self.image_tokens(image)
+        logits, targets = self.decoder.teacher_forcing(text, tokens)
+        if self.alignment is None:
+            return CaptionOutput(caption_logits=logits, caption_targets=targets)
+        features = {"image": self._pooled_image(image, tokens), "text": self.towers["text"](text)}
+        return CaptionOutput(
+            caption_logits=logits,
+            caption_targets=targets,
+            embeddings=self.alignment(features, normalize=True),
+            logit_scale=self.alignment.scale(),
+            logit_bias=self.alignment.logit_bias,
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for tower in self.towers.values():
+            tower.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)
+
+    def lock_tower(self, modality: str, unlocked_layers: int = 0, freeze_norm: bool = False) -> None:
+        """Freeze one tower, optionally leaving its last ``unlocked_layers`` groups trainable."""
+        if modality not in self.towers:
+            raise ValueError(f"this model has no {modality!r} tower; it has {self.modalities}")
+        self.towers[modality].lock(unlocked_layers=unlocked_layers, freeze_norm=freeze_norm)
+
+    # ------------------------------------------------------------------ captions
+
+    @torch.no_grad()
+    def generate(self, image: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Caption ids ``(B, T)`` for ``image (B, 3, H, W)``; keyword arguments as ``generation.generate``."""
+        return generate(self.decoder, self.image_tokens(image), **kwargs)
+
+    @torch.no_grad()
+    def caption(self, image: torch.Tensor, tokenizer, **kwargs) -> list[str]:
+        """Caption text per image, decoded with ``tokenizer`` (its ``batch_decode``)."""
+        return list(tokenizer.batch_decode(self.generate(image, **kwargs).cpu()))
