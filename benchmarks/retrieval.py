@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--chunk-size", type=int, default=16384, help="polymodal: corpus rows scored at once")
+    parser.add_argument("--chunk-size", type=int, default=8192, help="polymodal: corpus rows scored at once")
     parser.add_argument("--query-chunk-size", type=int, default=1024, help="polymodal: queries scored at once")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all)")
     args = parser.parse_args()

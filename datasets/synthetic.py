@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import json
 import os
@@ -105,15 +106,21 @@ def _encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
 def _sample_maker(kind: str, split: str, seed: int, options: dict[str, Any]) -> tuple[str, str, Callable]:
     """(media column, file extension, index -> (media bytes, caption, attrs)) for one data set."""
     # Imported here: those modules import the shared helpers above from this one.
+    from .synthetic_shapes import make_shape_sample
+    from .synthetic_tones import make_tone_sample
+
+    maker = make_shape_sample if kind == "shapes" else make_tone_sample
+    allowed = set(inspect.signature(maker).parameters) - {"index", "split", "seed"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {kind} option(s) {unknown}; expected some of {sorted(allowed)}")
     if kind == "shapes":
-        from .synthetic_shapes import make_shape_sample
 
         def make(index: int) -> tuple[bytes, str, dict]:
             sample = make_shape_sample(index, split, seed, **options)
             return _encode_png(sample.image), sample.caption, sample.attrs
 
         return "image", "png", make
-    from .synthetic_tones import make_tone_sample
 
     def make(index: int) -> tuple[bytes, str, dict]:
         sample = make_tone_sample(index, split, seed, **options)

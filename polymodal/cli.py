@@ -81,7 +81,14 @@ def format_report(report: dict) -> str:
 
 def _synth(args: argparse.Namespace) -> int:
     from polymodal.datasets import write_synthetic
+    from polymodal.train.config import _parse_value
 
+    options = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"generator option {item!r} is not KEY=VALUE (e.g. image_size=48)")
+        options[key.strip()] = _parse_value(value)
     out = write_synthetic(
         args.kind,
         args.out,
@@ -91,6 +98,7 @@ def _synth(args: argparse.Namespace) -> int:
         format=args.format,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        **options,
     )
     print(f"wrote {args.n} {args.split} {args.kind} samples to {out}")
     return 0
@@ -136,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["csv", "wds"], default="csv")
     q.add_argument("--shard-size", type=int, default=1000, help="samples per .tar shard (wds)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    q.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a generator option, repeatable: image_size=48, two_shape_share=0.2 (shapes), sample_rate=48000 (tones)",
+    )
     q.set_defaults(func=_synth)
 
     from polymodal.commands import register_all

@@ -149,7 +149,7 @@ class EmbeddingIndex:
         backend: str = "exact",
         faiss_kind: str = "ivf",
         faiss_params: Mapping[str, int] | None = None,
-        chunk_size: int = 16384,
+        chunk_size: int = 8192,
         normalize: bool = True,
     ) -> None:
         embeddings = check_embeddings(embeddings, "embeddings").detach().float()
@@ -479,7 +479,7 @@ class EmbeddingIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, chunk_size: int = 16384) -> EmbeddingIndex:
+    def load(cls, path: str | os.PathLike, chunk_size: int = 8192) -> EmbeddingIndex:
         """Read an index written by ``save``, checking that its files agree with each other."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -198,14 +198,12 @@ def evaluate_captions(index, model, tokenizer, rows: list[int], metadata: list[d
 
 
 def _format_metrics(metrics: dict[str, float], count: int) -> list[str]:
-    lines = [f"retrieval over {count} captioned images (any image that fits a caption counts):"]
-    for name, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
-        recall = ", ".join(f"R@{k} {100 * metrics[f'{name}/R@{k}']:.1f}%" for k in (1, 5, 10))
-        lines.append(
-            f"  {label}: {recall}, median rank {metrics[f'{name}/median_rank']:g}, "
-            f"mean rank {metrics[f'{name}/mean_rank']:.2f}"
-        )
-    return lines
+    from polymodal.train.evaluate import format_metrics
+
+    lines = format_metrics({f"retrieval/{k}": v for k, v in metrics.items() if "_to_" in k})
+    return [f"retrieval over {count} captioned images (any image that fits a caption counts):"] + [
+        f"  {x}" for x in lines
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ class ResumableSampler(Sampler[int]):
 class RunData:
     """The datasets of a run and what evaluation needs to know about them."""
 
-    train: Dataset
+    train: Dataset | None  # None when built for evaluation only
     eval: Dataset | None
     modalities: tuple[str, ...]
     zero_shot: dict[str, tuple[list[str], list[str]]]  # attribute -> (class names, templates)
@@ -103,8 +103,13 @@ def _check_builtin_options(cls: type, options: dict[str, Any]) -> None:
         )
 
 
-def build_datasets(cfg: DataSection, model_config, tokenizer, train_transform, eval_transform) -> RunData:
-    """Datasets for ``cfg.source``; the built-in sources also bring their zero-shot prompts."""
+def build_datasets(
+    cfg: DataSection, model_config, tokenizer, train_transform, eval_transform, with_train: bool = True
+) -> RunData:
+    """Datasets for ``cfg.source``; the built-in sources also bring their zero-shot prompts.
+
+    ``with_train=False`` builds the held-out split only (``RunData.train`` is ``None``), for evaluation.
+    """
     from polymodal import datasets as pd
 
     if cfg.source in ("shapes", "tones"):
@@ -113,7 +118,11 @@ def build_datasets(cfg: DataSection, model_config, tokenizer, train_transform, e
     if cfg.source == "shapes":
         size = model_config.towers["image"].args.get("image_size", 64)
         options = {"image_size": size, "tokenizer": tokenizer, **cfg.builtin}
-        train = pd.ShapesDataset("train", cfg.train_size, cfg.seed, transform=train_transform, **options)
+        train = (
+            pd.ShapesDataset("train", cfg.train_size, cfg.seed, transform=train_transform, **options)
+            if with_train
+            else None
+        )
         held = pd.ShapesDataset("heldout", cfg.eval_size, cfg.seed, transform=eval_transform, **options)
         return RunData(
             train, held, ("image", "text"), {"shape": pd.shape_prompts(), "colour": pd.colour_prompts()}, "unseen"
@@ -122,7 +131,7 @@ def build_datasets(cfg: DataSection, model_config, tokenizer, train_transform, e
         audio = model_config.towers["audio"].args
         rate = audio.get("sample_rate", 16000)
         options = {"sample_rate": rate, "tokenizer": tokenizer, **cfg.builtin}
-        train = pd.TonesDataset("train", cfg.train_size, cfg.seed, **options)
+        train = pd.TonesDataset("train", cfg.train_size, cfg.seed, **options) if with_train else None
         held = pd.TonesDataset("heldout", cfg.eval_size, cfg.seed, **options)
         return RunData(train, held, ("audio", "text"), pd.tone_prompts(), "unseen")
     modality = "image" if "image" in model_config.towers else "audio"
@@ -144,7 +153,7 @@ def build_datasets(cfg: DataSection, model_config, tokenizer, train_transform, e
             )
 
         return RunData(
-            make(cfg.train, train_transform),
+            make(cfg.train, train_transform) if with_train else None,
             make(cfg.eval, eval_transform) if cfg.eval else None,
             (modality, "text"),
             {},
@@ -167,7 +176,7 @@ def build_datasets(cfg: DataSection, model_config, tokenizer, train_transform, e
         )
 
     return RunData(
-        stream(cfg.train, train_transform, True),
+        stream(cfg.train, train_transform, True) if with_train else None,
         stream(cfg.eval, eval_transform, False) if cfg.eval else None,
         (modality, "text"),
         {},

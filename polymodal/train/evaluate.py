@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -49,31 +50,46 @@ def caption_matches(meta: list[dict]) -> tuple[list[list[int]], list[list[int]]]
 
     Returns ``(text_to_item, item_to_text)``: for each caption the indices of the items that fit it,
     and for each item the indices of the captions that fit it. When every meta lists the attributes
-    its caption states (``mentions``, as the built-in data does), an item fits a caption if it has
+    its caption states (``mentions``, as the built-in data does, also as a JSON list in an index file
+    written by ``polymodal data synth``), an item fits a caption if it has
     each of those attributes: "a red circle" is answered by any red circle, "a small red circle in
     the top left" only by small red circles in the top left. Otherwise an item fits the captions
     identical to its own, as a caption cannot tell apart items it describes equally well.
     """
     n = len(meta)
-    if not all(isinstance(m.get("mentions"), (list, tuple)) for m in meta):
+    mentioned = [_mentions(m) for m in meta]
+    if any(x is None for x in mentioned):
         captions = [m.get("caption", i) for i, m in enumerate(meta)]  # without captions: the pair only
         groups: dict = {}
         for i, c in enumerate(captions):
             groups.setdefault(c, []).append(i)
         same = [groups[c] for c in captions]
         return same, same
-    names = sorted({a for m in meta for a in m["mentions"]})
+    names = sorted({a for x in mentioned for a in x})
     codes = {}  # attribute -> (N,) integer code of each item's value
     for a in names:
         values: dict[str, int] = {}
         codes[a] = np.array([values.setdefault(repr(m.get(a)), len(values)) for m in meta])
     fits = np.zeros((n, n), dtype=bool)  # fits[i, j]: item j shows everything caption i says
-    for i, m in enumerate(meta):
+    for i, attrs in enumerate(mentioned):
         row = np.ones(n, dtype=bool)
-        for a in m["mentions"]:
+        for a in attrs:
             row &= codes[a] == codes[a][i]
         fits[i] = row
     return [np.flatnonzero(r).tolist() for r in fits], [np.flatnonzero(c).tolist() for c in fits.T]
+
+
+def _mentions(meta: dict) -> list[str] | None:
+    """The attribute names a sample's caption states: a list, or a JSON list as index files store it."""
+    value = meta.get("mentions")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(value, (list, tuple)) and all(isinstance(a, str) and a in meta for a in value):
+        return list(value)
+    return None
 
 
 @torch.no_grad()
@@ -115,3 +131,32 @@ def evaluate(
             acc = zero_shot_accuracy(emb[other][rows][unseen], labels[unseen], weights, top_k=(1,))
             metrics[f"zeroshot/{attr}/unseen_top1"] = float(acc["top1"])
     return metrics, {"embeddings": emb, "meta": meta, "modality": other}
+
+
+def format_metrics(metrics: dict[str, float]) -> list[str]:
+    """Readable lines for ``evaluate``'s metrics: zero-shot top-1 (top-5, unseen combinations) per
+    attribute, then recall@k with median and mean rank per retrieval direction."""
+    lines = []
+    for attr in sorted({k.split("/")[1] for k in metrics if k.startswith("zeroshot/")}):
+        parts = [f"top-1 {100 * metrics[f'zeroshot/{attr}/top1']:.1f}%"]
+        if f"zeroshot/{attr}/top5" in metrics:
+            parts.append(f"top-5 {100 * metrics[f'zeroshot/{attr}/top5']:.1f}%")
+        if f"zeroshot/{attr}/unseen_top1" in metrics:
+            parts.append(f"unseen combinations {100 * metrics[f'zeroshot/{attr}/unseen_top1']:.1f}%")
+        lines.append(f"zero-shot by {attr}: " + ", ".join(parts))
+    directions = sorted({k.split("/")[1] for k in metrics if k.startswith("retrieval/")}, key=_text_first)
+    for direction in directions:
+        values = {k.split("/")[2]: v for k, v in metrics.items() if k.startswith(f"retrieval/{direction}/")}
+        recalls = sorted((k for k in values if k.startswith("R@")), key=lambda k: int(k[2:]))
+        parts = [f"{k} {100 * values[k]:.1f}%" for k in recalls]
+        if "median_rank" in values:
+            parts.append(f"median rank {values['median_rank']:g}")
+        if "mean_rank" in values:
+            parts.append(f"mean rank {values['mean_rank']:.2f}")
+        query, _, gallery = direction.partition("_to_")
+        lines.append(f"{query} -> {gallery}: " + ", ".join(parts))
+    return lines
+
+
+def _text_first(direction: str) -> tuple[bool, str]:
+    return (not direction.startswith("text_"), direction)

@@ -15,6 +15,7 @@ from polymodal.fusion import clip_loss, siglip_loss
 
 from .data import RunData, build_datasets
 from .evaluate import evaluate as evaluate_heldout
+from .evaluate import format_metrics
 from .report import write_retrieval_grid
 from .tasks import TrainTask, register_task, split_batch
 
@@ -153,14 +154,5 @@ class ContrastiveTask(TrainTask):
         write_retrieval_grid(run_dir, extras, data, model)
 
     def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        """Zero-shot accuracy per attribute (and on unseen combinations), then retrieval recall."""
-        ev = report.get("eval", {})
-        lines = []
-        for attr in sorted({k.split("/")[1] for k in ev if k.startswith("zeroshot/")}):
-            parts = [f"top-1 {100 * ev[f'zeroshot/{attr}/top1']:.1f}%"]
-            if f"zeroshot/{attr}/unseen_top1" in ev:
-                parts.append(f"unseen combinations {100 * ev[f'zeroshot/{attr}/unseen_top1']:.1f}%")
-            lines.append(f"zero-shot by {attr}: " + ", ".join(parts))
-        for key in sorted(k for k in ev if k.startswith("retrieval/") and "/R@" in k):
-            lines.append(f"{key[len('retrieval/') :]}: {100 * ev[key]:.1f}%")
-        return lines
+        """Zero-shot accuracy per attribute (and on unseen combinations), then retrieval recall and ranks."""
+        return format_metrics(report.get("eval", {}))

@@ -434,6 +434,38 @@ def test_writers_refuse_to_clobber(tmp_path):
         write_synthetic("sounds", tmp_path / "x", n=1)
     with pytest.raises(ValueError, match="format"):
         write_synthetic("shapes", tmp_path / "x", n=1, format="parquet")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match=r"unknown shapes option\(s\) \['colour_depth'\]; expected some of"):
         write_synthetic("shapes", tmp_path / "x", n=1, colour_depth=3)
     assert not (tmp_path / "x").exists()
+
+
+def test_synth_command_takes_generator_options(tmp_path, capsys):
+    from polymodal.cli import main
+
+    out = tmp_path / "small"
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "shapes",
+                "--out",
+                str(out),
+                "--n",
+                "2",
+                "--split",
+                "heldout",
+                "--option",
+                "image_size=32",
+            ]
+        )
+        == 0
+    )
+    assert "wrote 2 heldout shapes samples" in capsys.readouterr().out
+    image = Image.open(out / "images" / "000001.png")
+    np.testing.assert_array_equal(np.asarray(image), pixels(make_shape_sample(1, "heldout", image_size=32)))
+    assert json.loads((out / MANIFEST_NAME).read_text())["options"] == {"image_size": 32}
+    for bad, message in (("image_size", "is not KEY=VALUE"), ("pixels=3", "unknown shapes option(s) ['pixels']")):
+        assert main(["data", "synth", "shapes", "--out", str(tmp_path / "bad"), "--option", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -78,6 +78,23 @@ def test_ties_go_to_the_lower_index_across_chunk_boundaries(chunk_size):
         assert torch.equal(indices, brute_force(queries, corpus, k)[1]), k
 
 
+@pytest.mark.parametrize("chunk_size", [700, 1000, 2999, 3000])
+def test_grouped_top_k_of_wide_chunks_is_exact(chunk_size):
+    # Chunks this wide take the two-stage path (group maxima, then the best groups' items, skipping groups
+    # that cannot beat the running k-th score); integer vectors make ties at every stage.
+    g = torch.Generator().manual_seed(chunk_size)
+    for corpus, queries in (
+        (F.normalize(torch.randn(3000, 16, generator=g), dim=1), F.normalize(torch.randn(25, 16, generator=g), dim=1)),
+        (torch.randint(-1, 2, (3000, 3), generator=g).float(), torch.randint(-1, 2, (25, 3), generator=g).float()),
+        (torch.randint(-2, 3, (3000, 6), generator=g).float(), torch.randint(-2, 3, (25, 6), generator=g).float()),
+    ):
+        for k in (1, 7, 10, 40):
+            scores, indices = exact_search(queries, corpus, k, chunk_size=chunk_size, query_chunk_size=10)
+            ref_scores, ref_indices = brute_force(queries, corpus, k)
+            assert torch.equal(indices, ref_indices), k
+            torch.testing.assert_close(scores.double(), ref_scores, rtol=0, atol=1e-6)
+
+
 def test_identical_items_return_the_first_ones():
     corpus = torch.zeros(10, 2)
     corpus[:, 0] = 1.0
@@ -98,6 +115,12 @@ def test_exact_search_checks_its_inputs():
         exact_search(torch.randn(2, 3), corpus, 1)
     with pytest.raises(ValueError, match="NaN"):
         exact_search(torch.full((1, 4), float("nan")), corpus, 1)
+    opposite = torch.randn(5, 4)
+    opposite[1, 2], opposite[3, 0] = float("inf"), float("-inf")  # they sum to NaN
+    with pytest.raises(ValueError, match="corpus holds NaN or infinite"):
+        exact_search(torch.randn(2, 4), opposite, 1)
+    huge = torch.full((5, 4), 3e38)  # finite, though its sum overflows
+    assert exact_search(torch.ones(1, 4), huge, 2)[1].tolist() == [[0, 1]]
     with pytest.raises(ValueError, match="chunk_size"):
         exact_search(torch.randn(2, 4), corpus, 1, chunk_size=0)
 

@@ -1,0 +1,161 @@
+"""``polymodal evaluate``, run as a user types it, against naive computations of what it prints."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from polymodal import create_model, from_pretrained, get_preprocess, get_tokenizer
+from polymodal.cli import main
+from polymodal.datasets import ShapesDataset, collate_samples, write_synthetic
+
+
+def naive_ranks(query_emb, gallery_emb, relevant: list[set[int]]) -> list[int]:
+    """Rank of each query's best relevant item; items scoring as high as it count against it."""
+    ranks = []
+    for q, row in enumerate((query_emb.double() @ gallery_emb.double().T).tolist()):
+        best = max(row[j] for j in relevant[q])
+        ranks.append(1 + sum(1 for j, s in enumerate(row) if j not in relevant[q] and s >= best))
+    return ranks
+
+
+def expected(ranks: list[int]) -> dict[str, str]:
+    out = {f"R@{k}": f"{100 * sum(r <= k for r in ranks) / len(ranks):.1f}" for k in (1, 5, 10)}
+    out["median"] = f"{statistics.median(ranks):g}"
+    out["mean"] = f"{sum(ranks) / len(ranks):.2f}"
+    return out
+
+
+def printed(stdout: str, direction: str) -> dict[str, str]:
+    line = next(x for x in stdout.splitlines() if x.strip().startswith(direction))
+    found = dict(re.findall(r"(R@\d+) ([\d.]+)%", line))
+    found["median"] = re.search(r"median rank ([\d.]+)", line).group(1)
+    found["mean"] = re.search(r"mean rank ([\d.]+)", line).group(1)
+    return found
+
+
+def fits_of(meta: list[dict]) -> tuple[list[set[int]], list[set[int]]]:
+    """Naively: image j answers caption i when it has every attribute caption i mentions."""
+    mentions = [m["mentions"] if isinstance(m["mentions"], list) else json.loads(m["mentions"]) for m in meta]
+    fits = [
+        {j for j, other in enumerate(meta) if all(other[a] == meta[i][a] for a in mentions[i])}
+        for i in range(len(meta))
+    ]
+    captions_of = [{i for i in range(len(meta)) if j in fits[i]} for j in range(len(meta))]
+    return fits, captions_of
+
+
+def naive_zero_shot(model, tokenizer, image_emb, labels: list[str], classes: list[str], templates) -> float:
+    weights = []
+    with torch.no_grad():
+        for name in classes:
+            emb = model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True).mean(0)
+            weights.append(emb / emb.norm())
+    predicted = (image_emb @ torch.stack(weights).T).argmax(1).tolist()
+    return sum(classes[p] == y for p, y in zip(predicted, labels)) / len(labels)
+
+
+@pytest.mark.slow
+def test_evaluate_a_training_run_as_a_user_types_it(trained_shapes_run, tmp_path):
+    from polymodal.datasets import colour_prompts, shape_prompts
+
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "polymodal", "evaluate", "--model", str(trained_shapes_run), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "built-in shapes, 200 held-out, seed 0: 200 pairs" in proc.stdout  # the run's own held-out split
+
+    # the same 200 held-out images, embedded directly
+    model = from_pretrained(trained_shapes_run).eval()
+    tokenizer = get_tokenizer(model)
+    size = model.config.towers["image"].args["image_size"]
+    data = ShapesDataset(
+        "heldout", 200, 0, image_size=size, tokenizer=tokenizer, transform=get_preprocess(model, "image")
+    )
+    batch = collate_samples([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        image_emb = model.encode_image(batch.inputs["image"], normalize=True)
+        text_emb = model.encode_text(batch.inputs["text"], normalize=True)
+    fits, captions_of = fits_of(batch.meta)
+    assert printed(proc.stdout, "text -> image") == expected(naive_ranks(text_emb, image_emb, fits))
+    assert printed(proc.stdout, "image -> text") == expected(naive_ranks(image_emb, text_emb, captions_of))
+
+    for attr, (classes, templates) in {"colour": colour_prompts(), "shape": shape_prompts()}.items():
+        accuracy = naive_zero_shot(model, tokenizer, image_emb, [m[attr] for m in batch.meta], classes, templates)
+        line = next(x for x in proc.stdout.splitlines() if f"zero-shot by {attr}:" in x)
+        assert re.search(r"top-1 ([\d.]+)%", line).group(1) == f"{100 * accuracy:.1f}"
+        assert "unseen combinations" in line
+        if attr == "colour":
+            assert accuracy >= 0.6  # the short training run tells colours apart (chance 12.5%)
+
+    # --out: the metrics as JSON (the trainer's own evaluation of the final weights agrees) and a retrieval grid
+    result = json.loads((out / "metrics.json").read_text())
+    report = json.loads((trained_shapes_run / "report.json").read_text())
+    assert result["samples"] == 200
+    for key, value in report["eval"].items():
+        assert result["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert (out / "retrieval_grid.png").stat().st_size > 0
+    before = (out / "metrics.json").read_bytes()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_evaluate")
+    torch.manual_seed(0)
+    create_model("clip-vit-tiny").save_pretrained(root / "model")
+    csv_path = write_synthetic("shapes", root / "shapes", n=24, split="heldout", image_size=48, progress=False)
+    return {"root": root, "model": root / "model", "csv": csv_path}
+
+
+def test_evaluate_on_an_index_file(files, capsys):
+    assert main(["evaluate", "--model", str(files["model"]), "--data", str(files["csv"]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 24 and result["data"] == str(files["csv"])
+    assert not any(k.startswith("zeroshot/") for k in result["metrics"])  # an index file names no classes
+
+    # against a naive computation, with the mentions column the synth writer stores as JSON
+    model = from_pretrained(files["model"]).eval()
+    data = ShapesDataset(
+        "heldout", 24, 0, image_size=48, tokenizer=get_tokenizer(model), transform=get_preprocess(model, "image")
+    )
+    batch = collate_samples([data[i] for i in range(len(data))])  # the very samples the file holds
+    with torch.no_grad():
+        image_emb = model.encode_image(batch.inputs["image"], normalize=True)
+        text_emb = model.encode_text(batch.inputs["text"], normalize=True)
+    fits, captions_of = fits_of(batch.meta)
+    ranks = naive_ranks(text_emb, image_emb, fits)
+    for k in (1, 5, 10):
+        assert result["metrics"][f"retrieval/text_to_image/R@{k}"] == pytest.approx(sum(r <= k for r in ranks) / 24)
+    assert result["metrics"]["retrieval/text_to_image/mean_rank"] == pytest.approx(sum(ranks) / 24)
+    ranks = naive_ranks(image_emb, text_emb, captions_of)
+    assert result["metrics"]["retrieval/image_to_text/median_rank"] == pytest.approx(statistics.median(ranks))
+
+
+def fails(args: list[str], capsys, message: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_bad_input_is_refused(files, tmp_path, capsys):
+    model = str(files["model"])
+    fails(["evaluate", "--model", model], capsys, "is not a training run directory")
+    fails(["evaluate", "--model", model, "--data", str(tmp_path / "nope.csv")], capsys, "no such index file")
+    (tmp_path / "pairs.txt").write_text("x")
+    fails(["evaluate", "--model", model, "--data", str(tmp_path / "pairs.txt")], capsys, "expected an index file")
+    fails(["evaluate", "--model", model, "--data", "tones"], capsys, "holds sounds")
+    fails(["evaluate", "--model", model, "--data", "shapes", "--eval-size", "0"], capsys, "at least 1")
+    fails(["evaluate", "--model", str(tmp_path / "missing")], capsys, "no such model directory")
+    (tmp_path / "no_caption.csv").write_text("image,text\na.png,a red circle\n")
+    fails(["evaluate", "--model", model, "--data", str(tmp_path / "no_caption.csv")], capsys, "no column 'caption'")
+    (tmp_path / "all_bad.csv").write_text("image,caption\nmissing.png,a red circle\n")
+    fails(["evaluate", "--model", model, "--data", str(tmp_path / "all_bad.csv")], capsys, "no usable samples")
