@@ -117,9 +117,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device, args.pretrained)
     cfg = data_section(args)
     towers = getattr(model, "towers", {})
-    if "text" not in towers or not ({"image", "audio"} & set(towers)):
+    contrastive = getattr(model, "alignment", None) is not None and callable(getattr(model, "encode", None))
+    if not contrastive or "text" not in towers or not ({"image", "audio"} & set(towers)):
         raise CommandError(
-            f"--model {args.model} is not a contrastive text + image/audio model (towers: {sorted(towers)})"
+            f"--model {args.model} is a {type(model).__name__} with towers {sorted(towers)}; evaluate needs a "
+            "contrastive model with a text tower and an image or audio tower (a CLIP, CLAP or CoCa model)"
         )
     modality = "image" if "image" in towers else "audio"
     if cfg.source in BUILTIN and (cfg.source == "shapes") != (modality == "image"):

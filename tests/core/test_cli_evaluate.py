@@ -155,6 +155,12 @@ def test_bad_input_is_refused(files, tmp_path, capsys):
     fails(["evaluate", "--model", model, "--data", "tones"], capsys, "holds sounds")
     fails(["evaluate", "--model", model, "--data", "shapes", "--eval-size", "0"], capsys, "at least 1")
     fails(["evaluate", "--model", str(tmp_path / "missing")], capsys, "no such model directory")
+    from polymodal.train.task_classify import ClassifyOptions, build_classifier
+
+    classifier = tmp_path / "classifier"
+    opts = ClassifyOptions.from_args({"towers": ["image", "text"], "dataset": "shape_claims"}, "shapes")
+    build_classifier(from_pretrained(files["model"]), opts, ["image", "text"]).save_pretrained(classifier)
+    fails(["evaluate", "--model", str(classifier), "--data", "shapes"], capsys, "evaluate needs a contrastive model")
     (tmp_path / "no_caption.csv").write_text("image,text\na.png,a red circle\n")
     fails(["evaluate", "--model", model, "--data", str(tmp_path / "no_caption.csv")], capsys, "no column 'caption'")
     (tmp_path / "all_bad.csv").write_text("image,caption\nmissing.png,a red circle\n")
