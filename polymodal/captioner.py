@@ -13,6 +13,7 @@ from polymodal.tasks.captioning import ImageCaptioner
 
 from .checkpoint import PretrainedMixin
 from .config import ComponentConfig, ModelConfig, build_component, build_encoder, decoder_types
+from .model import alignment_from_config
 
 __all__ = ["CaptioningModel"]
 
@@ -44,13 +45,5 @@ class CaptioningModel(PretrainedMixin, ImageCaptioner):
         towers = {m: build_encoder(c, device=device, dtype=dtype) for m, c in config.towers.items()}
         args = {"memory_dim": towers["image"].width, **config.decoder.args}
         decoder = build_component(ComponentConfig(config.decoder.type, args), decoder_types(), device, dtype)
-        alignment = None
-        if "text" in towers:
-            alignment = ContrastiveAlignment(
-                {m: t.output_dim for m, t in towers.items()},
-                config.embed_dim,
-                init_logit_scale=config.init_logit_scale,
-                max_logit_scale=config.max_logit_scale,
-                init_logit_bias=config.init_logit_bias,
-            ).to(device=device, dtype=dtype)
+        alignment = alignment_from_config(config, towers, device, dtype) if "text" in towers else None
         return cls(towers["image"], decoder, towers.get("text"), alignment, config)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from polymodal.encoders.weights import CheckpointError, load_state_dict_strict, read_state_dict
+from polymodal.encoders.weights import CheckpointError, atomic_directory, load_state_dict_strict, read_state_dict
 
 __all__ = [
     "CONFIG_NAME",
@@ -36,33 +35,6 @@ WEIGHTS_NAME = "model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 FORMAT_NAME = "polymodal"
-
-
-@contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``destination`` only if the block succeeds.
-
-    An existing destination is never overwritten unless ``overwrite=True``; even then the old
-    contents stay in place until the new ones are complete.
-    """
-    destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{str(destination)!r} already exists; pass overwrite=True to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        yield tmp
-        if destination.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-            backup.rmdir()
-            destination.rename(backup)
-            tmp.rename(destination)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(destination)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

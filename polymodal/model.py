@@ -58,14 +58,7 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, device=None, dtype=None) -> ContrastiveModel:
         towers = {m: build_encoder(c, device=device, dtype=dtype) for m, c in config.towers.items()}
-        alignment = ContrastiveAlignment(
-            {m: t.output_dim for m, t in towers.items()},
-            config.embed_dim,
-            init_logit_scale=config.init_logit_scale,
-            max_logit_scale=config.max_logit_scale,
-            init_logit_bias=config.init_logit_bias,
-        ).to(device=device, dtype=dtype)
-        return cls(towers, alignment, config)
+        return cls(towers, alignment_from_config(config, towers, device, dtype), config)
 
     @property
     def modalities(self) -> list[str]:
@@ -107,6 +100,19 @@ class ContrastiveModel(PretrainedMixin, nn.Module):
         if modality not in self.towers:
             raise ValueError(f"this model has no {modality!r} tower; it has {self.modalities}")
         self.towers[modality].lock(unlocked_layers=unlocked_layers, freeze_norm=freeze_norm)
+
+
+def alignment_from_config(
+    config: ModelConfig, towers: dict[str, nn.Module], device=None, dtype=None
+) -> ContrastiveAlignment:
+    """The shared embedding space of ``towers`` as ``config`` describes it (size, temperature, bias)."""
+    return ContrastiveAlignment(
+        {m: t.output_dim for m, t in towers.items()},
+        config.embed_dim,
+        init_logit_scale=config.init_logit_scale,
+        max_logit_scale=config.max_logit_scale,
+        init_logit_bias=config.init_logit_bias,
+    ).to(device=device, dtype=dtype)
 
 
 class LateFusionClassifier(PretrainedMixin, nn.Module):

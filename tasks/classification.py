@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,12 +28,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .zero_shot import (
+    ClassificationResult,
     _check_class_names,
     _check_labels,
     _check_top_k,
+    _confusion_counts,
     _field,
     _model_device,
     _ranks_of_labels,
+    _result,
+    _top1_predictions,
     default_label_fn,
     eval_mode,
 )
@@ -152,39 +155,6 @@ def default_top_k(num_classes: int) -> tuple[int, ...]:
     return (1, 5) if num_classes > 5 else (1,)
 
 
-@dataclass
-class ClassificationResult:
-    """Accuracy of a classifier on labelled data.
-
-    Attributes:
-        topk: accuracy (fraction) for each k, always including 1.
-        per_class: top-1 accuracy of each class that has at least one sample.
-        confusion: ``(C, C)`` counts, rows the true class and columns the top-1 prediction.
-        num_samples: samples evaluated.
-        class_names: names of the confusion rows.
-    """
-
-    topk: dict[int, float]
-    per_class: dict[str, float]
-    confusion: torch.Tensor
-    num_samples: int
-    class_names: list[str] = field(default_factory=list)
-
-    @property
-    def top1(self) -> float:
-        return self.topk[1]
-
-    @property
-    def top5(self) -> float | None:
-        return self.topk.get(5)
-
-    def to_dict(self, prefix: str = "") -> dict[str, float]:
-        """Flat scalars for logging: ``{prefix + "top1": ..., prefix + "num_samples": ...}``."""
-        out: dict[str, float] = {f"{prefix}top{k}": v for k, v in self.topk.items()}
-        out[f"{prefix}num_samples"] = self.num_samples
-        return out
-
-
 def classification_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -210,22 +180,10 @@ def classification_metrics(
     num_classes = len(names)
     labels = _check_labels(labels, logits.shape[0], num_classes, "classification_metrics").to(logits.device)
     ks = _check_top_k((1, *(default_top_k(num_classes) if top_k is None else _check_top_k(top_k))))
-    ranks = _ranks_of_labels(logits.float(), labels)
-    # The prediction consistent with the pessimistic rank: a tied true class is not chosen.
-    masked = logits.float().scatter(1, labels[:, None], float("-inf"))
-    pred = torch.where(ranks == 1, labels, masked.argmax(dim=1))
-    confusion = torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2)
-    confusion = confusion.view(num_classes, num_classes)
-    support = confusion.sum(dim=1)
-    per_class = {names[c]: confusion[c, c].item() / support[c].item() for c in range(num_classes) if support[c] > 0}
-    n = logits.shape[0]
-    return ClassificationResult(
-        topk={k: int((ranks <= k).sum()) / n for k in ks},
-        per_class=per_class,
-        confusion=confusion,
-        num_samples=n,
-        class_names=names,
-    )
+    scores = logits.float()
+    ranks = _ranks_of_labels(scores, labels)
+    confusion = _confusion_counts(labels, _top1_predictions(scores, labels, ranks), num_classes)
+    return _result({k: int((ranks <= k).sum()) for k in ks}, confusion, logits.shape[0], names)
 
 
 class BatchLabels:

@@ -14,12 +14,9 @@ normalize=True)`` works, and a ``config`` with ``to_dict()`` (as polymodal model
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..encoders.weights import atomic_directory
 from .model_identity import model_identity
 from .vector_search import FAISS_KINDS, FaissSearcher, check_embeddings, exact_search, overlap_at_k
 from .zero_shot import _encoder, _model_device, eval_mode
@@ -469,7 +467,8 @@ class EmbeddingIndex:
             "metadata": self.metadata,
         }
         text = json.dumps(header, indent=1, allow_nan=False)
-        with _atomic_directory(path, overwrite) as tmp:
+        _check_destination(path, overwrite)
+        with atomic_directory(path, overwrite=True) as tmp:
             save_file({"embeddings": self.embeddings.cpu().contiguous()}, str(tmp / EMBEDDINGS_FILE))
             if self.backend == "faiss":
                 self.build_faiss().save(tmp / FAISS_FILE)
@@ -539,36 +538,11 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-@contextlib.contextmanager
-def _atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
-    """A sibling temporary directory renamed to ``path`` once the block succeeds.
-
-    An existing ``path`` is replaced only with ``overwrite``, and only if it is an index (holds
-    ``index.json``), so a mistyped output path never deletes unrelated files.
-    """
+def _check_destination(path: Path, overwrite: bool) -> None:
+    """An existing ``path`` may be replaced only with ``overwrite``, and only if it is an index (holds
+    ``index.json``), so a mistyped output path never deletes unrelated files."""
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
         if not (path.is_dir() and (path / INDEX_FILE).is_file()):
             raise FileExistsError(f"{path} exists and is not an index (no {INDEX_FILE}); refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        # mkdtemp (and safetensors) create owner-only entries; give them the usual umask permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~umask)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            old.rmdir()
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -388,8 +388,9 @@ def zero_shot_accuracy(
 
 
 @dataclass
-class ZeroShotResult:
-    """What ``evaluate_zero_shot`` returns.
+class ClassificationResult:
+    """Accuracy of a classifier on labelled data (what ``evaluate_zero_shot`` and
+    ``classification_metrics`` return).
 
     Attributes:
         topk: accuracy (fraction) for each k, always including 1.
@@ -419,6 +420,36 @@ class ZeroShotResult:
         out: dict[str, float] = {f"{prefix}top{k}": v for k, v in self.topk.items()}
         out[f"{prefix}num_samples"] = self.num_samples
         return out
+
+
+ZeroShotResult = ClassificationResult  # the name evaluate_zero_shot has always documented
+
+
+def _top1_predictions(scores: torch.Tensor, labels: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """The top-1 prediction consistent with the pessimistic ranks: a tied true class is not chosen."""
+    masked = scores.scatter(1, labels[:, None], float("-inf"))
+    return torch.where(ranks == 1, labels, masked.argmax(dim=1))
+
+
+def _confusion_counts(labels: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Flat ``(C * C,)`` counts of (true class, predicted class) pairs."""
+    return torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2)
+
+
+def _result(
+    hits: Mapping[int, int], confusion: torch.Tensor, num_samples: int, names: list[str]
+) -> ClassificationResult:
+    num_classes = len(names)
+    confusion = confusion.view(num_classes, num_classes)
+    support = confusion.sum(dim=1)
+    per_class = {names[c]: confusion[c, c].item() / support[c].item() for c in range(num_classes) if support[c] > 0}
+    return ClassificationResult(
+        topk={k: h / num_samples for k, h in hits.items()},
+        per_class=per_class,
+        confusion=confusion,
+        num_samples=num_samples,
+        class_names=names,
+    )
 
 
 def _field(batch: Any, name: str) -> Any:
@@ -507,7 +538,7 @@ def evaluate_zero_shot(
     device: torch.device | str | None = None,
     progress: bool = True,
     class_names: Sequence[str] | None = None,
-) -> ZeroShotResult:
+) -> ClassificationResult:
     """Top-k accuracy, per-class accuracy and the confusion matrix over a labelled data stream.
 
     Args:
@@ -554,20 +585,8 @@ def evaluate_zero_shot(
             ranks = _ranks_of_labels(scores, labels)
             for k in ks:
                 hits[k] += int((ranks <= k).sum())
-            # Top-1 prediction consistent with the pessimistic ranks: a tied true class is not chosen.
-            masked = scores.scatter(1, labels[:, None], float("-inf"))
-            pred = torch.where(ranks == 1, labels, masked.argmax(dim=1))
-            confusion += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2)
+            confusion += _confusion_counts(labels, _top1_predictions(scores, labels, ranks), num_classes)
             num_samples += emb.shape[0]
     if num_samples == 0:
         raise ValueError("evaluate_zero_shot got no samples from the dataloader")
-    confusion = confusion.view(num_classes, num_classes)
-    support = confusion.sum(dim=1)
-    per_class = {names[c]: confusion[c, c].item() / support[c].item() for c in range(num_classes) if support[c] > 0}
-    return ZeroShotResult(
-        topk={k: hits[k] / num_samples for k in ks},
-        per_class=per_class,
-        confusion=confusion,
-        num_samples=num_samples,
-        class_names=names,
-    )
+    return _result(hits, confusion, num_samples, names)

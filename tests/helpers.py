@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -35,3 +37,39 @@ def assert_checkpointing_matches(module: nn.Module, run: Callable[[], torch.Tens
     for n, p in module.named_parameters():
         if n in ref_grads:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=f"gradient of {n}")
+
+
+def naive_ranks(query_emb: torch.Tensor, gallery_emb: torch.Tensor, relevant: list[set[int]]) -> list[int]:
+    """Rank of each query's best relevant item; items scoring as high as it count against it."""
+    ranks = []
+    for q, row in enumerate((query_emb.double() @ gallery_emb.double().T).tolist()):
+        best = max(row[j] for j in relevant[q])
+        ranks.append(1 + sum(1 for j, s in enumerate(row) if j not in relevant[q] and s >= best))
+    return ranks
+
+
+def expected_recall_line(ranks: list[int]) -> dict[str, str]:
+    """What a retrieval line should print for these ranks: recall@1/5/10 in %, median and mean rank."""
+    out = {f"R@{k}": f"{100 * sum(r <= k for r in ranks) / len(ranks):.1f}" for k in (1, 5, 10)}
+    out["median"] = f"{statistics.median(ranks):g}"
+    out["mean"] = f"{sum(ranks) / len(ranks):.2f}"
+    return out
+
+
+def printed_recall_line(stdout: str, direction: str) -> dict[str, str]:
+    """The figures of the printed retrieval line that starts with ``direction`` (e.g. "text -> image")."""
+    line = next(x for x in stdout.splitlines() if x.strip().startswith(direction))
+    found = dict(re.findall(r"(R@\d+) ([\d.]+)%", line))
+    found["median"] = re.search(r"median rank ([\d.]+)", line).group(1)
+    found["mean"] = re.search(r"mean rank ([\d.]+)", line).group(1)
+    return found
+
+
+def cli_fails(args: list[str], capsys, message: str) -> None:
+    """``polymodal ARGS`` exits with 2 and its last stderr line (after any progress bar) is an error naming
+    ``message``."""
+    from polymodal.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: ") and message in err, err

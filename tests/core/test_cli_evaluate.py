@@ -14,30 +14,7 @@ import torch
 from polymodal import create_model, from_pretrained, get_preprocess, get_tokenizer
 from polymodal.cli import main
 from polymodal.datasets import ShapesDataset, collate_samples, write_synthetic
-
-
-def naive_ranks(query_emb, gallery_emb, relevant: list[set[int]]) -> list[int]:
-    """Rank of each query's best relevant item; items scoring as high as it count against it."""
-    ranks = []
-    for q, row in enumerate((query_emb.double() @ gallery_emb.double().T).tolist()):
-        best = max(row[j] for j in relevant[q])
-        ranks.append(1 + sum(1 for j, s in enumerate(row) if j not in relevant[q] and s >= best))
-    return ranks
-
-
-def expected(ranks: list[int]) -> dict[str, str]:
-    out = {f"R@{k}": f"{100 * sum(r <= k for r in ranks) / len(ranks):.1f}" for k in (1, 5, 10)}
-    out["median"] = f"{statistics.median(ranks):g}"
-    out["mean"] = f"{sum(ranks) / len(ranks):.2f}"
-    return out
-
-
-def printed(stdout: str, direction: str) -> dict[str, str]:
-    line = next(x for x in stdout.splitlines() if x.strip().startswith(direction))
-    found = dict(re.findall(r"(R@\d+) ([\d.]+)%", line))
-    found["median"] = re.search(r"median rank ([\d.]+)", line).group(1)
-    found["mean"] = re.search(r"mean rank ([\d.]+)", line).group(1)
-    return found
+from tests.helpers import cli_fails, expected_recall_line, naive_ranks, printed_recall_line
 
 
 def fits_of(meta: list[dict]) -> tuple[list[set[int]], list[set[int]]]:
@@ -83,8 +60,12 @@ def test_evaluate_a_training_run_as_a_user_types_it(trained_shapes_run, tmp_path
         image_emb = model.encode_image(batch.inputs["image"], normalize=True)
         text_emb = model.encode_text(batch.inputs["text"], normalize=True)
     fits, captions_of = fits_of(batch.meta)
-    assert printed(proc.stdout, "text -> image") == expected(naive_ranks(text_emb, image_emb, fits))
-    assert printed(proc.stdout, "image -> text") == expected(naive_ranks(image_emb, text_emb, captions_of))
+    assert printed_recall_line(proc.stdout, "text -> image") == expected_recall_line(
+        naive_ranks(text_emb, image_emb, fits)
+    )
+    assert printed_recall_line(proc.stdout, "image -> text") == expected_recall_line(
+        naive_ranks(image_emb, text_emb, captions_of)
+    )
 
     for attr, (classes, templates) in {"colour": colour_prompts(), "shape": shape_prompts()}.items():
         accuracy = naive_zero_shot(model, tokenizer, image_emb, [m[attr] for m in batch.meta], classes, templates)
@@ -140,28 +121,24 @@ def test_evaluate_on_an_index_file(files, capsys):
     assert result["metrics"]["retrieval/image_to_text/median_rank"] == pytest.approx(statistics.median(ranks))
 
 
-def fails(args: list[str], capsys, message: str) -> None:
-    assert main(args) == 2
-    err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("error: ") and message in err, err
-
-
 def test_bad_input_is_refused(files, tmp_path, capsys):
     model = str(files["model"])
-    fails(["evaluate", "--model", model], capsys, "is not a training run directory")
-    fails(["evaluate", "--model", model, "--data", str(tmp_path / "nope.csv")], capsys, "no such index file")
+    cli_fails(["evaluate", "--model", model], capsys, "is not a training run directory")
+    cli_fails(["evaluate", "--model", model, "--data", str(tmp_path / "nope.csv")], capsys, "no such index file")
     (tmp_path / "pairs.txt").write_text("x")
-    fails(["evaluate", "--model", model, "--data", str(tmp_path / "pairs.txt")], capsys, "expected an index file")
-    fails(["evaluate", "--model", model, "--data", "tones"], capsys, "holds sounds")
-    fails(["evaluate", "--model", model, "--data", "shapes", "--eval-size", "0"], capsys, "at least 1")
-    fails(["evaluate", "--model", str(tmp_path / "missing")], capsys, "no such model directory")
+    cli_fails(["evaluate", "--model", model, "--data", str(tmp_path / "pairs.txt")], capsys, "expected an index file")
+    cli_fails(["evaluate", "--model", model, "--data", "tones"], capsys, "holds sounds")
+    cli_fails(["evaluate", "--model", model, "--data", "shapes", "--eval-size", "0"], capsys, "at least 1")
+    cli_fails(["evaluate", "--model", str(tmp_path / "missing")], capsys, "no such model directory")
     from polymodal.train.task_classify import ClassifyOptions, build_classifier
 
     classifier = tmp_path / "classifier"
     opts = ClassifyOptions.from_args({"towers": ["image", "text"], "dataset": "shape_claims"}, "shapes")
     build_classifier(from_pretrained(files["model"]), opts, ["image", "text"]).save_pretrained(classifier)
-    fails(["evaluate", "--model", str(classifier), "--data", "shapes"], capsys, "evaluate needs a contrastive model")
+    cli_fails(
+        ["evaluate", "--model", str(classifier), "--data", "shapes"], capsys, "evaluate needs a contrastive model"
+    )
     (tmp_path / "no_caption.csv").write_text("image,text\na.png,a red circle\n")
-    fails(["evaluate", "--model", model, "--data", str(tmp_path / "no_caption.csv")], capsys, "no column 'caption'")
+    cli_fails(["evaluate", "--model", model, "--data", str(tmp_path / "no_caption.csv")], capsys, "no column 'caption'")
     (tmp_path / "all_bad.csv").write_text("image,caption\nmissing.png,a red circle\n")
-    fails(["evaluate", "--model", model, "--data", str(tmp_path / "all_bad.csv")], capsys, "no usable samples")
+    cli_fails(["evaluate", "--model", model, "--data", str(tmp_path / "all_bad.csv")], capsys, "no usable samples")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ from polymodal import create_model, from_pretrained, get_preprocess, get_tokeniz
 from polymodal.cli import main
 from polymodal.datasets import write_synthetic
 from polymodal.tasks import EmbeddingIndex
+from tests.helpers import cli_fails, expected_recall_line, naive_ranks, printed_recall_line
 
 
 @pytest.fixture(scope="module")
@@ -59,30 +58,6 @@ def read_rows(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def naive_ranks(query_emb, gallery_emb, relevant: list[set[int]]) -> list[int]:
-    """Rank of each query's best relevant item; items scoring as high as it count against it."""
-    ranks = []
-    for q, row in enumerate((query_emb.double() @ gallery_emb.double().T).tolist()):
-        best = max(row[j] for j in relevant[q])
-        ranks.append(1 + sum(1 for j, s in enumerate(row) if j not in relevant[q] and s >= best))
-    return ranks
-
-
-def printed(stdout: str, direction: str) -> dict[str, str]:
-    line = next(x for x in stdout.splitlines() if x.strip().startswith(direction))
-    found = dict(re.findall(r"(R@\d+) ([\d.]+)%", line))
-    found["median"] = re.search(r"median rank ([\d.]+)", line).group(1)
-    found["mean"] = re.search(r"mean rank ([\d.]+)", line).group(1)
-    return found
-
-
-def expected(ranks: list[int]) -> dict[str, str]:
-    out = {f"R@{k}": f"{100 * sum(r <= k for r in ranks) / len(ranks):.1f}" for k in (1, 5, 10)}
-    out["median"] = f"{statistics.median(ranks):g}"
-    out["mean"] = f"{sum(ranks) / len(ranks):.2f}"
-    return out
-
-
 @pytest.mark.slow
 def test_build_eval_and_search_as_a_user_types_them(files, tmp_path):
     out = tmp_path / "idx"
@@ -101,9 +76,13 @@ def test_build_eval_and_search_as_a_user_types_them(files, tmp_path):
         {j for j, other in enumerate(rows) if all(other[a] == row[a] for a in json.loads(row["mentions"]))}
         for row in rows
     ]
-    assert printed(proc.stdout, "text -> image") == expected(naive_ranks(text_emb, image_emb, fits))
+    assert printed_recall_line(proc.stdout, "text -> image") == expected_recall_line(
+        naive_ranks(text_emb, image_emb, fits)
+    )
     captions_of = [{i for i in range(len(rows)) if j in fits[i]} for j in range(len(rows))]
-    assert printed(proc.stdout, "image -> text") == expected(naive_ranks(image_emb, text_emb, captions_of))
+    assert printed_recall_line(proc.stdout, "image -> text") == expected_recall_line(
+        naive_ranks(image_emb, text_emb, captions_of)
+    )
 
     proc = subprocess.run(
         [*cmd, "search", str(out), "a red circle", "--top-k", "3", "--json"], capture_output=True, text=True
@@ -184,52 +163,48 @@ def test_faiss_backend_gives_the_exact_results_with_a_flat_index(files, built, t
     assert results[0] == results[1]
 
 
-def fails(args: list[str], capsys, message: str) -> None:
-    assert main(args) == 2
-    err = capsys.readouterr().err.splitlines()[-1]  # after any progress bar
-    assert err.startswith("error: ") and message in err, err
-
-
 def test_bad_input_is_refused_and_nothing_is_written(files, built, tmp_path, capsys):
     model = str(files["model"])
     out = tmp_path / "out"
     build = ["index", "build", "--model", model, "--out", str(out)]
-    fails([*build, "--images", str(tmp_path / "missing.png")], capsys, "does not exist")
+    cli_fails([*build, "--images", str(tmp_path / "missing.png")], capsys, "does not exist")
     (tmp_path / "empty").mkdir()
-    fails([*build, "--images", str(tmp_path / "empty")], capsys, "holds no image files")
+    cli_fails([*build, "--images", str(tmp_path / "empty")], capsys, "holds no image files")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "fake.png").write_bytes(b"this is not a png")
-    fails([*build, "--images", str(files["images"] / "000001.png"), str(tmp_path / "bad")], capsys, "fake.png")
-    fails([*build, "--images", str(files["images"]), "--eval"], capsys, "--eval needs a caption")
-    fails([*build, "--images", str(files["images"]), "--batch-size", "0"], capsys, "--batch-size")
+    cli_fails([*build, "--images", str(files["images"] / "000001.png"), str(tmp_path / "bad")], capsys, "fake.png")
+    cli_fails([*build, "--images", str(files["images"]), "--eval"], capsys, "--eval needs a caption")
+    cli_fails([*build, "--images", str(files["images"]), "--batch-size", "0"], capsys, "--batch-size")
     assert sorted(os.listdir(tmp_path)) == ["bad", "empty"]  # nothing half-written, no temporary directories
 
     # an existing --out is kept unless --overwrite
     before = (built / "index.json").read_text()
-    fails([*build[:-1], str(built), "--images", str(files["images"] / "000001.png")], capsys, "--overwrite")
+    cli_fails([*build[:-1], str(built), "--images", str(files["images"] / "000001.png")], capsys, "--overwrite")
     assert (built / "index.json").read_text() == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    fails(
+    cli_fails(
         [*build[:-1], str(tmp_path / "mine"), "--images", str(files["images"]), "--overwrite"], capsys, "not an index"
     )
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
     # queries with another model: other weights, other embedding size
-    fails(
+    cli_fails(
         ["search", str(built), "a red circle", "--model", str(files["root"] / "other")], capsys, "weights fingerprint"
     )
-    fails(["search", str(built), "a red circle", "--model", str(files["root"] / "narrow")], capsys, "not comparable")
-    fails(["search", str(built), "a red circle", "--top-k", "0"], capsys, "--top-k must be at least 1")
-    fails(["search", str(built), "--image", str(tmp_path / "nope.png")], capsys, "does not exist")
-    fails(["search", str(built), "--image", str(tmp_path / "bad" / "fake.png")], capsys, "not a readable image")
-    fails(["search", str(tmp_path / "no_index"), "x"], capsys, "does not exist")
-    fails(["search", str(built)], capsys, "give a text query")
+    cli_fails(
+        ["search", str(built), "a red circle", "--model", str(files["root"] / "narrow")], capsys, "not comparable"
+    )
+    cli_fails(["search", str(built), "a red circle", "--top-k", "0"], capsys, "--top-k must be at least 1")
+    cli_fails(["search", str(built), "--image", str(tmp_path / "nope.png")], capsys, "does not exist")
+    cli_fails(["search", str(built), "--image", str(tmp_path / "bad" / "fake.png")], capsys, "not a readable image")
+    cli_fails(["search", str(tmp_path / "no_index"), "x"], capsys, "does not exist")
+    cli_fails(["search", str(built)], capsys, "give a text query")
     other_csv = tmp_path / "other.csv"
     other_csv.write_text(
         f"image,caption\n{files['images'] / '000001.png'},a thing\n{tmp_path / 'bad' / 'fake.png'},x\n"
     )
-    fails(["search", str(built), "--evaluate", str(other_csv)], capsys, "not in the index")
+    cli_fails(["search", str(built), "--evaluate", str(other_csv)], capsys, "not in the index")
 
 
 def test_search_with_the_recorded_model_moved_away(files, built, tmp_path, capsys):
@@ -241,5 +216,5 @@ def test_search_with_the_recorded_model_moved_away(files, built, tmp_path, capsy
     shutil.copytree(built, moved)
     header["model"]["source"] = str(tmp_path / "gone")
     (moved / "index.json").write_text(json.dumps(header))
-    fails(["search", str(moved), "a red circle"], capsys, "pass --model")
+    cli_fails(["search", str(moved), "a red circle"], capsys, "pass --model")
     assert main(["search", str(moved), "a red circle", "--model", str(files["model"])]) == 0
