@@ -60,12 +60,13 @@ def main() -> None:
         tmp = Path(tmp)
         ref = open_clip.create_model("ViT-B-32", pretrained=None).eval()
         torch.save(ref.state_dict(), tmp / "open_clip.pt")
-        ours = polymodal.create_model("clip-vit-b-32", pretrained=tmp / "open_clip.pt").eval()
+        ours = polymodal.resolve_model("clip-vit-b-32", pretrained=tmp / "open_clip.pt").eval()
         polymodal.export_model(ours, tmp / "hf", to="hf")
         hf = CLIPModel.from_pretrained(tmp / "hf", attn_implementation="sdpa").eval()
     ref, ours, hf = ref.to(device), ours.to(device), hf.to(device)
 
-    images = torch.randn(args.image_batch, 3, 224, 224, device=device)
+    spec = ours.config.input_spec("image")
+    images = torch.randn(args.image_batch, spec.channels, *spec.image_size, device=device)
     texts = polymodal.get_tokenizer("clip-vit-b-32")(
         [f"a photo of a {w} number {i}" for i, w in zip(range(args.text_batch), ["cat", "dog", "red circle"] * 99)]
     ).to(device)

@@ -27,7 +27,7 @@ samples/s is reported; quality comes from the first round's models.
 
 Both final models are then evaluated by the same polymodal code (``polymodal.train.evaluate.evaluate``)
 on the held-out split: zero-shot shape and colour top-1 with the built-in prompts, and retrieval recall.
-open_clip's checkpoint goes through polymodal's own importer (``create_model(..., pretrained=epoch_E.pt)``),
+open_clip's checkpoint goes through polymodal's own importer (``resolve_model(..., pretrained=epoch_E.pt)``),
 checked against open_clip's model on the same weights first.
 
 Differences that remain: initial weights (each library's own init, same seed), data order, and weight
@@ -136,7 +136,7 @@ def _run(name: str, command: list[str], log_dir: Path) -> float:
 
 
 def _open_clip_command(args, config_dir: Path, timing: Path, tsv: Path, logs: Path, warmup: int) -> list[str]:
-    pre = _model_config().preprocess
+    pre = _model_config().input_spec("image")
     return [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -238,9 +238,9 @@ def _train_round(args, r: int, root: Path, data: dict[str, Path], steps: int, wa
             seconds, samples = report["train_seconds"], report["samples_seen"]
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
             windows = [row["samples_per_s"] for row in rows if "samples_per_s" in row]
-            from polymodal.train.checkpoints import complete_checkpoints
+            from polymodal.resolver import locate_model
 
-            checkpoint = complete_checkpoints(run_dir)[-1]
+            checkpoint = locate_model(run_dir)  # the run's newest complete checkpoint
         results[name] = {
             "seconds": seconds,
             "samples": samples,
@@ -280,7 +280,8 @@ def _evaluate(args, results: dict[str, dict], config_dir: Path, heldout_csv: Pat
     from polymodal.train.evaluate import evaluate
 
     device = torch.device(args.device)
-    size = _model_config().preprocess.image_size
+    height, width = _model_config().input_spec("image").image_size
+    size = height if height == width else (height, width)
     tokenizer = polymodal.get_tokenizer(MODEL)
     heldout = ShapesDataset(
         "heldout",
@@ -304,9 +305,9 @@ def _evaluate(args, results: dict[str, dict], config_dir: Path, heldout_csv: Pat
     for name in ("polymodal", "open_clip"):
         checkpoint = results[name]["checkpoint"]
         if name == "polymodal":
-            model = polymodal.from_pretrained(checkpoint)
+            model = polymodal.resolve_model(checkpoint)
         else:
-            model = polymodal.create_model(MODEL, pretrained=checkpoint)
+            model = polymodal.resolve_model(MODEL, pretrained=checkpoint)
             probe = [heldout[i] for i in range(8)]
             images = torch.stack([p["image"] for p in probe])
             texts = torch.stack([p["text"] for p in probe])

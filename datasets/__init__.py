@@ -1,8 +1,8 @@
 """Data: image-text and audio-text pairs from index files or WebDataset shards, robust decoding that
 skips and counts bad samples, and the built-in synthetic ``shapes`` and ``tones`` data.
 
-Uses ``polymodal.encoders.preprocess`` (RGB conversion, audio loading and resampling), the shared
-preprocessing layer, and nothing else from the project.
+Uses only the leaf modules of the project: ``polymodal.media`` (RGB conversion, audio loading and
+resampling, shared with the encoders' preprocessing), ``polymodal.errors`` and ``polymodal.fileio``.
 """
 
 from .decode import decode_audio, decode_caption, decode_image
@@ -13,6 +13,7 @@ from .samples import (
     Batch,
     SampleError,
     SkipBudget,
+    SkipBudgetExceeded,
     SkipLogger,
     SkippedSample,
     TooManyBadSamples,
@@ -61,6 +62,7 @@ __all__ = [
     "ShapeSample",
     "ShapesDataset",
     "SkipBudget",
+    "SkipBudgetExceeded",
     "SkipLogger",
     "SkippedSample",
     "ToneSample",

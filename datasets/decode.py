@@ -22,7 +22,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from polymodal.encoders.preprocess import AudioPreprocess, ToRGB, load_audio
+from polymodal.media import AudioPreprocess, ToRGB, load_audio
 
 from .samples import (
     BAD_ENCODING,
@@ -96,9 +96,9 @@ def decode_image(
     file claiming huge dimensions costs nothing. Truncated files are rejected, not padded: this
     relies on Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` staying ``False`` (its default).
 
-    Modes other than RGB are converted by ``polymodal.encoders.ToRGB`` (transparency composited
-    on white, CMYK, 16-bit grey scaled); 32-bit float grey is scaled from [0, 1] when its values
-    lie there, else clipped to 0-255.
+    Modes other than RGB are converted by ``polymodal.media.ToRGB`` (transparency composited on
+    white, CMYK, 16-bit grey scaled); 32-bit float grey is scaled from [0, 1] when its values lie
+    there, else clipped to 0-255.
 
     Args:
         source: encoded image bytes, or a path to an image file.

@@ -2,8 +2,10 @@
 
 The index names one file and one caption per row; any other columns (labels, ids, ...) are
 carried along in each item's ``meta``. Paths are relative to the index file's folder unless
-``root`` is given, so a dataset folder can be moved as a whole. Unusable rows come back as
-``SkippedSample`` (see ``polymodal.datasets.samples``), never as exceptions.
+``root`` is given, so a dataset folder can be moved as a whole. Unusable rows (a missing file,
+an empty caption, missing or extra cells, a line that is not JSON, a bad ``mentions`` value) come
+back as ``SkippedSample`` (see ``polymodal.datasets.samples``), never as exceptions; only a file
+that is unusable as a whole (no header, a missing column) raises ``InputError``.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from polymodal.errors import InputError
+
 from .decode import DEFAULT_MAX_PIXELS, decode_audio, decode_caption, decode_image
-from .samples import MISSING_CAPTION, MISSING_FILE, SampleError, SkippedSample
+from .samples import MALFORMED_ROW, MISSING_CAPTION, MISSING_FILE, SampleError, SkippedSample
 
 __all__ = ["INDEX_FORMATS", "AudioTextDataset", "ImageTextDataset", "read_index"]
 
 INDEX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
+def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict | SkippedSample]]:
     # surrogateescape keeps a row with stray non-UTF-8 bytes readable; decode_caption then skips
     # that row as bad_encoding instead of the whole index failing to load.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -37,25 +41,29 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
         try:
             header = next(reader)
         except StopIteration:
-            raise ValueError(f"index file {path} is empty; expected a header row naming the columns") from None
+            raise InputError(f"index file {path} is empty; expected a header row naming the columns") from None
         duplicates = sorted({name for name in header if header.count(name) > 1})
         if duplicates:
-            raise ValueError(f"index file {path} has duplicate column names {duplicates}")
-        rows = []
+            raise InputError(f"index file {path} has duplicate column names {duplicates}")
+        rows: list[dict | SkippedSample] = []
         for fields in reader:
             if not fields:
                 continue  # blank line
             if len(fields) != len(header):
-                raise ValueError(
-                    f"index file {path}, line {reader.line_num}: {len(fields)} fields but the header has "
-                    f"{len(header)} ({header}); quote fields that contain the delimiter"
+                rows.append(
+                    SkippedSample(
+                        MALFORMED_ROW,
+                        f"{path} line {reader.line_num}: {len(fields)} fields but the header has {len(header)} "
+                        f"({header}); quote fields that contain the delimiter",
+                    )
                 )
+                continue
             rows.append({name: (value if value != "" else None) for name, value in zip(header, fields)})
     return header, rows
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
-    rows = []
+def _read_jsonl(path: Path) -> tuple[list[str], list[dict | SkippedSample]]:
+    rows: list[dict | SkippedSample] = []
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -63,13 +71,14 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"index file {path}, line {line_number}: not valid JSON ({err.msg})") from err
+                rows.append(SkippedSample(MALFORMED_ROW, f"{path} line {line_number}: not valid JSON ({err.msg})"))
+                continue
             if not isinstance(row, dict):
-                raise ValueError(
-                    f"index file {path}, line {line_number}: expected a JSON object, got {type(row).__name__}"
-                )
+                detail = f"{path} line {line_number}: expected a JSON object, got {type(row).__name__}"
+                rows.append(SkippedSample(MALFORMED_ROW, detail))
+                continue
             rows.append(row)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(dict.fromkeys(key for row in rows if isinstance(row, dict) for key in row))
     return columns, rows
 
 
@@ -77,8 +86,13 @@ def read_index(
     path: str | os.PathLike,
     format: str | None = None,
     required_columns: Sequence[str] = (),
-) -> list[dict]:
+) -> list[dict | SkippedSample]:
     """Read an index of samples: one dict per row.
+
+    A row that cannot be read (missing or extra cells, a line that is not a JSON object) comes
+    back as a ``SkippedSample`` with reason ``malformed_row`` naming the file and line, so the
+    datasets skip and count it like any bad sample and the ``SkipBudget`` stops a run on a mostly
+    bad file. Problems of the whole file (no header, a missing column) raise.
 
     Args:
         path: a ``.csv``, ``.tsv`` or ``.jsonl`` (``.ndjson``) file.
@@ -86,22 +100,22 @@ def read_index(
         required_columns: columns that must exist (in the header, or in at least one JSON line).
 
     Returns:
-        The rows. Empty CSV/TSV cells become ``None``; JSON values keep their types.
+        The rows, in file order. Empty CSV/TSV cells become ``None``; JSON values keep their types.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: an unknown format, a malformed line (its number is named) or a missing column.
+        InputError: an unknown format, an empty file, duplicate or missing columns.
     """
     path = Path(path)
     if format is None:
         format = INDEX_FORMATS.get(path.suffix.lower())
         if format is None:
-            raise ValueError(
+            raise InputError(
                 f"cannot tell the format of index file {path} from its extension {path.suffix!r}; "
                 f"expected one of {sorted(INDEX_FORMATS)} or pass format='csv', 'tsv' or 'jsonl'"
             )
     if format not in ("csv", "tsv", "jsonl"):
-        raise ValueError(f"unknown index format {format!r}; expected 'csv', 'tsv' or 'jsonl'")
+        raise InputError(f"unknown index format {format!r}; expected 'csv', 'tsv' or 'jsonl'")
     if not path.is_file():
         raise FileNotFoundError(f"index file not found: {path}")
     if format == "jsonl":
@@ -111,8 +125,23 @@ def read_index(
     missing = [name for name in required_columns if name not in columns]
     if missing:
         names = ", ".join(repr(name) for name in missing)
-        raise ValueError(f"index file {path} has no column {names}; its columns are {columns}")
+        raise InputError(f"index file {path} has no column {names}; its columns are {columns}")
     return rows
+
+
+def _check_mentions(value: object) -> None:
+    """``mentions`` lists the attributes a caption states: a list of names, or one as JSON text."""
+    if value is None:
+        return
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+    if not (isinstance(parsed, list) and all(isinstance(name, str) for name in parsed)):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise SampleError(MALFORMED_ROW, f"'mentions' must be a list of attribute names (JSON), got {shown}")
 
 
 def _resolve(value: object, root: Path, column: str) -> Path:
@@ -151,7 +180,10 @@ class _PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict | SkippedSample:
         row = self.rows[index]
+        if isinstance(row, SkippedSample):
+            return row  # a malformed row; its detail names the file and line
         try:
+            _check_mentions(row.get("mentions"))
             if self.caption_key not in row:
                 raise SampleError(MISSING_CAPTION, f"row has no {self.caption_key!r} field")
             caption = decode_caption(row[self.caption_key])

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from polymodal.errors import InputError
+
 __all__ = [
     "BAD_ENCODING",
     "CORRUPT_AUDIO",
@@ -26,6 +28,7 @@ __all__ = [
     "EMPTY_AUDIO",
     "EMPTY_CAPTION",
     "EMPTY_SHARD",
+    "MALFORMED_ROW",
     "MISSING_CAPTION",
     "MISSING_FILE",
     "NONFINITE_AUDIO",
@@ -36,6 +39,7 @@ __all__ = [
     "Batch",
     "SampleError",
     "SkipBudget",
+    "SkipBudgetExceeded",
     "SkipLogger",
     "SkippedSample",
     "TooManyBadSamples",
@@ -59,6 +63,7 @@ NONFINITE_AUDIO = "nonfinite_audio"
 CORRUPT_AUDIO = "corrupt_audio"
 CORRUPT_SHARD = "corrupt_shard"  # a WebDataset tar that could not be read to the end
 EMPTY_SHARD = "empty_shard"  # a WebDataset tar with no usable sample in it
+MALFORMED_ROW = "malformed_row"  # an index row with missing or extra cells, bad JSON or a bad field
 SKIP_REASONS = (
     MISSING_FILE,
     ZERO_BYTES,
@@ -73,6 +78,7 @@ SKIP_REASONS = (
     CORRUPT_AUDIO,
     CORRUPT_SHARD,
     EMPTY_SHARD,
+    MALFORMED_ROW,
 )
 
 
@@ -105,10 +111,6 @@ class SkippedSample:
 
     reason: str
     detail: str
-
-    @classmethod
-    def from_error(cls, error: SampleError) -> SkippedSample:
-        return cls(error.reason, error.detail)
 
 
 @dataclass
@@ -202,8 +204,15 @@ def collate_samples(items: Sequence[Mapping | SkippedSample]) -> Batch:
     )
 
 
-class TooManyBadSamples(RuntimeError):
-    """More of the data was skipped than the ``SkipBudget`` allows."""
+class SkipBudgetExceeded(InputError, RuntimeError):
+    """More of the data was skipped than the ``SkipBudget`` allows: the data, not the code, is at fault.
+
+    An ``InputError`` (so the command line prints it as one line); also a ``RuntimeError``, what it
+    was before it had a place among polymodal's errors.
+    """
+
+
+TooManyBadSamples = SkipBudgetExceeded  # its former name
 
 
 class SkipLogger:
@@ -262,15 +271,19 @@ class SkipBudget:
     """Tolerate a bounded share of unusable samples; fail loudly beyond it.
 
     Call ``update(batch)`` for every batch. Once at least ``min_samples`` items have been seen and
-    more than ``max_fraction`` of them were skipped, ``TooManyBadSamples`` is raised with the share
-    and the commonest reasons, e.g. ``12.5% of 800 samples were skipped (budget 10%): corrupt_image
-    60, empty_caption 40``. Skips are also logged, each reason at most once per ``log_interval``.
+    more than ``max_fraction`` of them were skipped, ``SkipBudgetExceeded`` is raised with one line
+    naming the data, the share, the setting to change and the commonest reasons, e.g. ``train.csv:
+    12.5% of 800 samples were skipped, over the budget of 10% (raise data.skip_budget to allow
+    more): corrupt_image 60 (e.g. train.csv row 3: ...), empty_caption 40``. Skips are also logged,
+    each reason at most once per ``log_interval``.
 
     Args:
         max_fraction: largest tolerated share of skipped samples, in [0, 1].
         min_samples: samples to see before judging, so a few early bad files do not stop a run.
         log_interval: seconds between two log messages for the same reason; ``None`` to not log.
         log: the logger written to.
+        source: what the samples come from (an index file, shard pattern...), for the message.
+        knob: the name of the setting ``max_fraction`` comes from, for the message.
     """
 
     def __init__(
@@ -279,6 +292,8 @@ class SkipBudget:
         min_samples: int = 200,
         log_interval: float | None = 10.0,
         log: logging.Logger | None = None,
+        source: str | None = None,
+        knob: str = "max_fraction",
     ) -> None:
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
@@ -286,9 +301,12 @@ class SkipBudget:
             raise ValueError(f"min_samples must be >= 0, got {min_samples}")
         self.max_fraction = float(max_fraction)
         self.min_samples = int(min_samples)
+        self.source = source
+        self.knob = knob
         self.seen = 0
         self.skipped = 0
         self.by_reason: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}  # reason -> the detail of its first skip
         self.logger = None if log_interval is None else SkipLogger(log_interval, log)
 
     @property
@@ -296,20 +314,28 @@ class SkipBudget:
         return self.skipped / self.seen if self.seen else 0.0
 
     def update(self, batch: Batch) -> None:
-        """Count a batch's seen and skipped items; raise ``TooManyBadSamples`` when over budget."""
+        """Count a batch's seen and skipped items; raise ``SkipBudgetExceeded`` when over budget."""
         self.seen += batch.num_seen
         self.skipped += batch.num_skipped
         self.by_reason.update(batch.skipped)
+        for sample in batch.skipped_samples:
+            self.examples.setdefault(sample.reason, sample.detail)
         if self.logger is not None:
             self.logger(batch)
         if self.seen >= self.min_samples and self.fraction > self.max_fraction:
-            raise TooManyBadSamples(self.message())
+            raise SkipBudgetExceeded(self.message())
 
     def message(self) -> str:
-        reasons = ", ".join(f"{reason} {count}" for reason, count in self.by_reason.most_common(5))
+        """One line: the data, the share skipped, the budget and its setting, the commonest reasons."""
+        common = self.by_reason.most_common(5)
+        reasons = [f"{reason} {count}" for reason, count in common]
+        if common and common[0][0] in self.examples:
+            example = " ".join(self.examples[common[0][0]].split())  # one line, whatever the detail holds
+            reasons[0] += f" (e.g. {example[:200]})"
         return (
-            f"{100 * self.fraction:.1f}% of {self.seen} samples were skipped "
-            f"(budget {100 * self.max_fraction:g}%): {reasons or 'no reasons recorded'}"
+            f"{self.source or 'the data'}: {100 * self.fraction:.1f}% of {self.seen} samples were skipped, over "
+            f"the budget of {100 * self.max_fraction:g}% (raise {self.knob} to allow more): "
+            f"{', '.join(reasons) or 'no reasons recorded'}"
         )
 
     def summary(self) -> dict:

@@ -7,21 +7,20 @@ whatever order, and whether it is generated on the fly or read back from files w
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import inspect
 import io
 import json
 import os
-import shutil
 import tarfile
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from polymodal.fileio import atomic_directory
 
 __all__ = ["MANIFEST_NAME", "SPLITS", "SYNTHETIC_KINDS", "sample_rng", "write_synthetic"]
 
@@ -147,26 +146,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def _atomic_output_dir(out_dir: Path) -> Iterator[Path]:
-    """A sibling temporary directory that replaces ``out_dir`` only once everything in it is written."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            old.rmdir()
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_csv(root: Path, n: int, media_key: str, ext: str, make: Callable, bar: tqdm) -> Path:
     folder = "images" if media_key == "image" else "audio"
     (root / folder).mkdir()
@@ -198,9 +177,8 @@ def _write_wds(root: Path, n: int, ext: str, shard_size: int, make: Callable, ba
     width = max(6, len(str(n - 1)))
     num_shards = -(-n // shard_size)
     for shard in range(num_shards):
-        final = root / f"shard-{shard:06d}.tar"
-        partial = root / f".{final.name}.partial"
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        # The whole folder appears atomically (atomic_directory), so a shard needs no temporary name.
+        with tarfile.open(root / f"shard-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(shard * shard_size, min(n, (shard + 1) * shard_size)):
                 data, caption, attrs = make(index)
                 key = f"{index:0{width}d}"
@@ -208,7 +186,6 @@ def _write_wds(root: Path, n: int, ext: str, shard_size: int, make: Callable, ba
                 _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
                 _add_member(tar, f"{key}.json", json.dumps(attrs, sort_keys=True).encode("utf-8"))
                 bar.update(1)
-        os.replace(partial, final)
     return root
 
 
@@ -271,8 +248,9 @@ def write_synthetic(
     manifest = {"kind": kind, "split": split, "seed": seed, "n": n, "format": format, "options": options}
     if format == "wds":
         manifest["shard_size"] = shard_size
+    # _check_out_dir has refused what must not be replaced: a new, empty or earlier output folder remains.
     with (
-        _atomic_output_dir(out_dir) as root,
+        atomic_directory(out_dir, overwrite=True) as root,
         tqdm(total=n, desc=f"{kind}/{split}", unit="sample", disable=not progress) as bar,
     ):
         if format == "csv":

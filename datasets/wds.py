@@ -14,6 +14,13 @@ number of steps and DDP never waits on a rank that ran out of data. With ``resam
 shard list, shuffled identically on every rank, is partitioned over ranks and then workers.
 Call ``set_epoch(epoch)`` before each epoch (as with ``DistributedSampler``) for a new order.
 
+Exact resume. Every stream is a pure function of (seed, epoch, rank, worker), and random
+augmentation is seeded per item from its place in that stream, so ``set_epoch(epoch,
+start_batch=b, batch_size=B)`` continues an epoch after its first ``b`` batches: each worker
+skips, undecoded, the items of the batches it had delivered, the workers' turns go on from the
+one that was due (a DataLoader takes one batch from each worker in turn), and the batches that
+follow are bit for bit those of an uninterrupted run.
+
 Broken data is skipped and counted: a bad sample comes back as a ``SkippedSample``; a shard that
 cannot be read to the end (truncated, not a tar) logs a warning and yields one ``SkippedSample``
 with reason ``corrupt_shard``, and the stream goes on with the next shard.
@@ -39,6 +46,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from polymodal.fileio import atomic_file
+
 from .decode import DEFAULT_MAX_PIXELS, decode_audio, decode_caption, decode_image
 from .samples import (
     BAD_ENCODING,
@@ -49,6 +58,7 @@ from .samples import (
     SampleError,
     SkippedSample,
 )
+from .seeding import mix_seed, seeded_rng
 
 __all__ = ["AUDIO_EXTENSIONS", "IMAGE_EXTENSIONS", "WebDatasetPairs", "expand_shard_urls", "write_wds_shards"]
 
@@ -102,6 +112,36 @@ def _open_shard(url: str):
 def _share(total: int, parts: int, index: int) -> int:
     """Part ``index`` of ``total`` split into ``parts`` near-equal whole parts that sum to ``total``."""
     return total // parts + (1 if index < total % parts else 0)
+
+
+def resume_point(start_batch: int, batches_per_worker: Sequence[int | None]) -> tuple[list[int], int]:
+    """Where a DataLoader over an iterable dataset stands after its first ``start_batch`` batches.
+
+    It takes one batch from each worker in turn, in worker order, and passes over a worker once
+    that has run out; ``batches_per_worker`` is each worker's total (``None``: it never runs out).
+
+    Returns:
+        How many batches each worker had delivered, and the worker that delivers the next one.
+    """
+    delivered = [0] * len(batches_per_worker)
+    last = -1  # the worker that delivered the most recent batch of an unfinished turn
+    remaining = start_batch
+    while remaining > 0:
+        active = [w for w, total in enumerate(batches_per_worker) if total is None or delivered[w] < total]
+        if not active:
+            raise ValueError(f"start_batch {start_batch} is beyond the end of the epoch ({sum(delivered)} batches)")
+        left = [batches_per_worker[w] - delivered[w] for w in active if batches_per_worker[w] is not None]
+        turns = min([remaining // len(active), *left])  # whole turns at once: cheap for long epochs
+        if turns == 0:  # less than a whole turn is left
+            for w in active[:remaining]:
+                delivered[w] += 1
+            last, remaining = active[remaining - 1], 0
+        for w in active:
+            delivered[w] += turns
+        remaining -= turns * len(active)
+    active = [w for w, total in enumerate(batches_per_worker) if total is None or delivered[w] < total]
+    following = [w for w in active if w > last]
+    return delivered, (following or active or [0])[0]
 
 
 def _image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -187,6 +227,7 @@ class WebDatasetPairs(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.start_batch, self.batch_size = 0, None
         self.corrupt_shards = 0  # counted in the process that iterates (each DataLoader worker has its own)
         media = IMAGE_EXTENSIONS if modality == "image" else AUDIO_EXTENSIONS
         self._media_extensions = media
@@ -203,9 +244,39 @@ class WebDatasetPairs(IterableDataset):
                 state["rank"], state["world_size"] = rank, world_size
         return state
 
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds the next iteration (shard draws and shuffling)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0, batch_size: int | None = None) -> None:
+        """Set the epoch that seeds the next iteration (shard draws, shuffling, augmentation).
+
+        Args:
+            epoch: the epoch.
+            start_batch: resume the epoch after this many batches of its DataLoader; only the
+                next iteration starts there.
+            batch_size: the DataLoader's batch size (with ``drop_last=True``, as the trainer
+                uses), needed with ``start_batch``.
+        """
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        if start_batch and (batch_size is None or batch_size <= 0):
+            raise ValueError(f"start_batch={start_batch} needs the DataLoader's positive batch_size, got {batch_size}")
         self.epoch = int(epoch)
+        self.start_batch, self.batch_size = int(start_batch), batch_size
+
+    def _resume(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """(the stream this DataLoader worker plays, how many of its items were already delivered).
+
+        A fresh DataLoader starts its turns at worker 0, but the epoch continues with whichever
+        worker was due next: worker ``w`` plays stream ``(w + next) % num_workers``, so the turns
+        go on in their old order.
+        """
+        if not self.start_batch:
+            return worker, 0
+        totals = [
+            None if self.epoch_samples is None else _share(self.epoch_samples, num_workers, w) // self.batch_size
+            for w in range(num_workers)
+        ]
+        delivered, due = resume_point(self.start_batch, totals)
+        stream = (worker + due) % num_workers
+        return stream, delivered[stream] * self.batch_size
 
     def __len__(self) -> int:
         if self.epoch_samples is None:
@@ -219,9 +290,11 @@ class WebDatasetPairs(IterableDataset):
         return rank, world_size, worker, num_workers
 
     def __iter__(self) -> Iterator[dict | SkippedSample]:
-        rank, world_size, worker, num_workers = self._topology()
+        rank, world_size, loader_worker, num_workers = self._topology()
         epoch = self.epoch
+        worker, skip = self._resume(loader_worker, num_workers)
         self.epoch += 1  # a persistent worker, or the main process, moves on by itself
+        self.start_batch = 0
         if self.resampled:
             shards = wds.ResampledShards(
                 self.urls,
@@ -247,10 +320,11 @@ class WebDatasetPairs(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}")
             raw = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(raw)
-        items = (item if isinstance(item, SkippedSample) else self._decode(item) for item in raw)
-        if self.epoch_samples is not None:
-            items = itertools.islice(items, _share(self.epoch_samples, num_workers, worker))
-        return items
+        stop = None if self.epoch_samples is None else _share(self.epoch_samples, num_workers, worker)
+        # Skipped items are read but not decoded; each item's place seeds its augmentation.
+        raw = itertools.islice(enumerate(raw), skip, stop)
+        seed = (self.seed, epoch, rank, worker)
+        return (item if isinstance(item, SkippedSample) else self._decode(item, mix_seed(*seed, i)) for i, item in raw)
 
     def _wants(self, name: str) -> bool:
         key, ext = base_plus_ext(name)
@@ -312,7 +386,11 @@ class WebDatasetPairs(IterableDataset):
             raise SampleError(MISSING_CAPTION, "no txt member and no 'caption' field in a json member")
         return caption, {key: value for key, value in fields.items() if key != "caption"}
 
-    def _decode(self, raw: dict) -> dict | SkippedSample:
+    def _decode(self, raw: dict, seed: int) -> dict | SkippedSample:
+        with seeded_rng(seed):
+            return self._decode_seeded(raw)
+
+    def _decode_seeded(self, raw: dict) -> dict | SkippedSample:
         where = f"{raw['__url__']}:{raw['__key__']}"
         try:
             caption, extras = self._caption(raw)
@@ -404,20 +482,15 @@ def write_wds_shards(
     # Each pass of this loop writes one shard: the first sample, then up to max_count - 1 more.
     for first in numbered:
         final = out_dir / f"{prefix}-{len(paths):06d}.tar"
-        tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
-        try:
-            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-                for index, sample in itertools.chain([first], itertools.islice(numbered, max_count - 1)):
-                    for name, data in _sample_members(sample, index):
-                        info = tarfile.TarInfo(name)
-                        info.size = len(data)
-                        info.mode = 0o444
-                        info.mtime = 0  # reproducible shards: the same samples give the same bytes
-                        tar.addfile(info, io.BytesIO(data))
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        # Existing shards were refused above unless overwrite is set, and then are replaced.
+        with atomic_file(final, overwrite=True) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for index, sample in itertools.chain([first], itertools.islice(numbered, max_count - 1)):
+                for name, data in _sample_members(sample, index):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    info.mode = 0o444
+                    info.mtime = 0  # reproducible shards: the same samples give the same bytes
+                    tar.addfile(info, io.BytesIO(data))
         paths.append(final)
     for stale in set(existing) - set(paths):
         stale.unlink()

@@ -1,10 +1,11 @@
 """Per-modality encoders: image (ViT, CNN, timm), text (Transformer, Hugging Face) and audio (spectrogram CNN),
 with their tokenizers and preprocessing. Depends on nothing else in polymodal."""
 
+from .attention import Attention, Block, CrossAttentionBlock, Mlp, Transformer, mlp_hidden_dim
 from .audio import AudioSpectrogramCNN, LogMelSpectrogram
 from .base import Encoder
 from .hf_text import HFTextEncoder
-from .layers import Attention, Block, Mlp, QuickGELU, Transformer
+from .layers import QuickGELU
 from .preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -34,6 +35,7 @@ __all__ = [
     "Block",
     "CLIPTokenizer",
     "CheckpointError",
+    "CrossAttentionBlock",
     "Encoder",
     "HFTextEncoder",
     "HFTokenizer",
@@ -53,5 +55,6 @@ __all__ = [
     "load_audio",
     "load_state_dict_strict",
     "load_weights_file",
+    "mlp_hidden_dim",
     "read_state_dict",
 ]

@@ -76,9 +76,6 @@ class LogMelSpectrogram(nn.Module):
                     module._buffers[name] = buf.float()
         return self
 
-    def num_frames(self, num_samples: int) -> int:
-        return num_samples // self.hop_length + 1
-
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=waveform.device.type, enabled=False):
             mel = self.mel(waveform.float())  # (B, n_mels, frames)

@@ -25,6 +25,12 @@ class Encoder(nn.Module):
         """Return the pooled embedding ``(B, output_dim)``."""
         raise NotImplementedError
 
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(B, N)`` bool, True on the real tokens of ``forward_features(x)`` and False on padding;
+        ``None`` when every token is real (images, audio). Token-level fusion needs it so that no
+        token attends to, or is pooled with, padding."""
+        return None
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory by recomputing activations in the backward pass."""
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")

@@ -182,6 +182,7 @@ class HFTextEncoder(Encoder):
         if (
             self.vocab_size
             and text.device.type == "cpu"
+            and not torch.compiler.is_compiling()
             and text.numel()
             and (text.min() < 0 or text.max() >= self.vocab_size)
         ):
@@ -195,6 +196,10 @@ class HFTextEncoder(Encoder):
         if self.pad_token_id is None:
             return torch.ones_like(text)
         return (text != self.pad_token_id).long()
+
+    def token_mask(self, text: torch.Tensor) -> torch.Tensor | None:
+        """``(B, L)`` True on real tokens; ``None`` without a padding id."""
+        return None if self.pad_token_id is None else text != self.pad_token_id
 
     def _encode(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(text)

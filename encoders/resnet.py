@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Attention
 from .base import Encoder
 from .layers import check_input, get_act_layer, to_pair
 from .vit import resample_pos_embed
@@ -108,8 +108,11 @@ class Bottleneck(nn.Module):
         return self.act3(out + identity)
 
 
-class AttentionPool2d(nn.Module):
+class AttentionPool2d(Attention):
     """Pool a feature map by letting its mean token attend over all spatial tokens.
+
+    The attention (``qkv``, ``proj``) is ``encoders.attention.Attention``; only the mean token's query
+    is computed, since only its output is kept.
 
     Args:
         grid_size: feature-map height and width the positional table is built for.
@@ -127,17 +130,16 @@ class AttentionPool2d(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"attention pool width {embed_dim} must be divisible by the number of heads {num_heads}")
-        factory = {"device": device, "dtype": dtype}
-        self.grid_size = to_pair(grid_size)
-        if min(self.grid_size) < 1:
-            raise ValueError(f"attention pool grid {self.grid_size} is empty; is the image size below 32?")
-        self.num_heads = num_heads
-        self.pos_embed = nn.Parameter(torch.empty(self.grid_size[0] * self.grid_size[1] + 1, embed_dim, **factory))
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, **factory)
-        self.proj = nn.Linear(embed_dim, output_dim or embed_dim, **factory)
+        grid_size = to_pair(grid_size)
+        if min(grid_size) < 1:
+            raise ValueError(f"attention pool grid {grid_size} is empty; is the image size below 32?")
+        super().__init__(embed_dim, num_heads, out_dim=output_dim, device=device, dtype=dtype)
+        self.grid_size = grid_size
+        self.pos_embed = nn.Parameter(
+            torch.empty(grid_size[0] * grid_size[1] + 1, embed_dim, device=device, dtype=dtype)
+        )
         nn.init.normal_(self.pos_embed, std=embed_dim**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,16 +148,8 @@ class AttentionPool2d(nn.Module):
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # (B, 1+H*W, C)
         pos = resample_pos_embed(self.pos_embed, self.grid_size, (H, W), num_prefix_tokens=1)
         tokens = tokens + pos.to(tokens.dtype)
-        # only the mean token's output is kept, so only its query is computed
-        w_q, w_kv = self.qkv.weight.split([C, 2 * C])
-        b_q, b_kv = self.qkv.bias.split([C, 2 * C])
-        head_dim = C // self.num_heads
-        q = F.linear(tokens[:, :1], w_q, b_q).view(B, 1, self.num_heads, head_dim)
-        q = q.transpose(1, 2)  # (B, heads, 1, head_dim)
-        kv = F.linear(tokens, w_kv, b_kv).view(B, -1, 2, self.num_heads, head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, 1+H*W, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, head_dim)
-        return self.proj(out.reshape(B, C))
+        k, v = self.keys_values(tokens)  # 2 x (B, heads, 1+H*W, head_dim)
+        return self.attend(self.queries(tokens[:, :1]), k, v)[:, 0]  # (B, output_dim)
 
 
 class ResNetEncoder(Encoder):

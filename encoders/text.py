@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Transformer, init_transformer_
 from .base import Encoder
-from .layers import Transformer, check_input, get_act_layer, get_norm_layer, init_transformer_
+from .layers import check_input, get_act_layer, get_norm_layer
 
 POOL_TYPES = ("argmax", "eos", "first", "last", "mean")
 
@@ -134,7 +135,13 @@ class TextTransformer(Encoder):
                 f"{name} expects token ids of shape {expected}, got shape {tuple(text.shape)}; "
                 "tokenize with the model's tokenizer or call set_context_length()"
             )
-        if text.device.type == "cpu" and text.numel() and (text.min() < 0 or text.max() >= self.vocab_size):
+        # a value check reads the data: skipped on GPU (a sync) and when tracing (export, compile)
+        if (
+            text.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and text.numel()
+            and (text.min() < 0 or text.max() >= self.vocab_size)
+        ):
             raise ValueError(
                 f"{name} expects token ids in [0, {self.vocab_size}), "
                 f"got values in [{int(text.min())}, {int(text.max())}]"
@@ -142,6 +149,10 @@ class TextTransformer(Encoder):
 
     def _padding(self, text: torch.Tensor) -> torch.Tensor:
         return text == self.pad_token_id  # (B, L) True where padded
+
+    def token_mask(self, text: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` True where ``text`` is not ``pad_token_id``."""
+        return ~self._padding(text)
 
     def forward_features(self, text: torch.Tensor) -> torch.Tensor:
         self._check(text)
@@ -186,7 +197,8 @@ class TextTransformer(Encoder):
         fraction of the work: captions are usually much shorter than the context.
         """
         L = text.shape[1]
-        if not self.causal or L <= 1 or torch.compiler.is_compiling():
+        # a traced program must not bake one batch's length in, so it runs the whole input
+        if torch.compiler.is_compiling() or not self.causal or L <= 1:
             return L
         if self.pool_type == "first":
             return 1

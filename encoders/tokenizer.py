@@ -7,6 +7,7 @@ padded and truncated to a fixed length, which is what the text encoders consume.
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import importlib.util
 import operator
@@ -41,6 +42,11 @@ _PRETOKENIZE = regex.compile(
     regex.IGNORECASE,
 )
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
+_NON_WHITESPACE = regex.compile(r"\S+")
+_LONG_WHITESPACE = regex.compile(r"\s{17,}")
+_LAST_WHITESPACE_RUN = regex.compile(r"(?r)\s+")
+# Texts longer than this have their whitespace runs shortened before cleaning; no caption is.
+_SHORTEN_ABOVE = 16_384
 
 
 @runtime_checkable
@@ -77,6 +83,37 @@ def clean_text(text: str, mode: str | None = "lower") -> str:
         text = text.replace("_", " ").translate(_PUNCTUATION_TABLE).lower()
     text = " ".join(text.split())
     return text.lower() if mode == "lower" else text
+
+
+def content_prefix_end(text: str, characters: int) -> int | None:
+    """Where the prefix of ``text`` holding ``characters`` non-whitespace characters ends.
+
+    Returns ``None`` when the whole text holds fewer: whitespace runs, however long, do not count,
+    because cleaning collapses them.
+    """
+    if len(text) <= characters:
+        return None
+    count = 0
+    for run in _NON_WHITESPACE.finditer(text):
+        if count + len(run.group()) >= characters:
+            return run.start() + characters - count
+        count += len(run.group())
+    return None
+
+
+def shorten_whitespace_runs(text: str) -> str:
+    """Shorten every whitespace run of over 16 characters to its first and last 8 (plus a newline
+    when one was dropped), which ``clean_text`` collapses to the same single space.
+
+    Cleaning costs time per line (ftfy), so a run of a million newlines would cost seconds; the
+    ends of each run and a line break are kept because ftfy fixes text line by line.
+    """
+    return _LONG_WHITESPACE.sub(_shorten_run, text)
+
+
+def _shorten_run(match: regex.Match) -> str:
+    run = match.group()
+    return run[:8] + ("\n" if "\n" in run[8:-8] else "") + run[-8:]
 
 
 def _as_text_list(texts: object, owner: str) -> list[str]:
@@ -212,6 +249,9 @@ class CLIPTokenizer:
         self.sot_token_id = self.encoder[_SOT]
         self.eot_token_id = self.encoder[_EOT]
         self._byte_to_symbol = _byte_symbols()
+        # The longest piece one id stands for (32 bytes in CLIP's vocabulary): what bounds how much
+        # of a text can possibly fit in a context.
+        self.max_symbol_bytes = max(len(piece) for piece in self._id_bytes.values())
         self._special_ids = {_SOT: (self.sot_token_id,), _EOT: (self.eot_token_id,)}
         self.cache_size = cache_size
         # A plain dict (rather than functools.lru_cache on a method) keeps the tokenizer picklable
@@ -232,28 +272,54 @@ class CLIPTokenizer:
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
-    def _merge_word(self, word: str) -> tuple[int, ...]:
-        """Apply BPE merges to one byte-mapped word and return its ids."""
-        ranks = self.merge_ranks
-        not_mergeable = len(ranks)
-        # The last symbol carries the end-of-word marker, so word-final pieces get their own ids.
-        symbols = [*word[:-1], word[-1] + _END_OF_WORD]
-        while len(symbols) > 1:
-            rank, first, second = min((ranks.get(pair, not_mergeable), *pair) for pair in zip(symbols, symbols[1:]))
-            if rank == not_mergeable:
-                break
-            # Merge every non-overlapping occurrence of the best pair, scanning left to right.
+    def _merge_word(self, word: str, word_end: bool = True) -> tuple[int, ...]:
+        """Apply BPE merges to one byte-mapped word and return its ids.
+
+        Each round merges every non-overlapping occurrence, left to right, of the lowest-ranked
+        adjacent pair (CLIP's rule). Pairs wait in a heap keyed by (rank, position) over a linked
+        list of symbols, so a word of n bytes costs O(n log n) rather than a rescan per round.
+
+        Args:
+            word: the word's bytes as symbols.
+            word_end: mark the last symbol as word-final; off for a word cut short.
+        """
+        ranks, encoder = self.merge_ranks, self.encoder
+        symbols: list[str | None] = list(word)
+        if word_end:
+            symbols[-1] += _END_OF_WORD
+        n = len(symbols)
+        after = [*range(1, n), -1]  # index of the next live symbol, -1 at the end
+        before = list(range(-1, n - 1))
+        heap = [(rank, i) for i in range(n - 1) if (rank := ranks.get((symbols[i], symbols[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
             merged = []
-            i = 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        return tuple(self.encoder[s] for s in symbols)
+            # Every occurrence of this round's pair, in position order (the heap's tie-break). A
+            # merge never creates the same pair again (its result is longer than either part), so
+            # the round is complete before any pair it creates is considered.
+            while heap and heap[0][0] == rank:
+                i = heapq.heappop(heap)[1]
+                j = after[i]
+                if symbols[i] is None or j == -1 or ranks.get((symbols[i], symbols[j])) != rank:
+                    continue  # stale: a neighbour was merged since this pair was queued
+                symbols[i] += symbols[j]
+                symbols[j] = None
+                after[i] = after[j]
+                if after[i] != -1:
+                    before[after[i]] = i
+                merged.append(i)
+            for i in merged:
+                for left in (before[i], i):
+                    right = after[left] if left != -1 else -1
+                    if right != -1 and (pair_rank := ranks.get((symbols[left], symbols[right]))) is not None:
+                        heapq.heappush(heap, (pair_rank, left))
+        ids = []
+        i = 0  # the first symbol only ever absorbs its right neighbours, so it stays live
+        while i != -1:
+            ids.append(encoder[symbols[i]])
+            i = after[i]
+        return tuple(ids)
 
     def _word_ids(self, word: str) -> tuple[int, ...]:
         ids = self._cache.get(word)
@@ -269,14 +335,56 @@ class CLIPTokenizer:
             self._cache[word] = ids
         return ids
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without start/end-of-text tokens, padding or truncation."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of ``text`` without start/end-of-text tokens, padding or truncation.
+
+        Args:
+            text: raw text.
+            max_tokens: return at most this many ids: the first ones the whole text gives. The cost
+                is then bounded by ``max_tokens`` however long the text or its words are, because
+                only a prefix of the text holding far more content than can fit is cleaned and split.
+        """
         if not isinstance(text, str):
             raise TypeError(f"CLIPTokenizer.encode expects a str, got {type(text).__name__}")
+        if max_tokens is None:
+            return self._encode_clean(clean_text(text, "lower"), None, complete=True)
+        if max_tokens <= 0:
+            return []
+        budget = 8 * max_tokens + 64  # non-whitespace characters; grown while they give too few ids
+        while True:
+            end = content_prefix_end(text, budget)
+            prefix = text if end is None else text[:end]
+            if len(prefix) > _SHORTEN_ABOVE:
+                prefix = shorten_whitespace_runs(prefix)
+            ids = self._encode_clean(clean_text(prefix, "lower"), max_tokens, complete=end is None)
+            if end is None or len(ids) >= max_tokens:
+                return ids
+            budget *= 4
+
+    def _merge_window(self, max_tokens: int) -> int:
+        # Twice the bytes that max_tokens ids can cover: a word is merged over at most this many
+        # bytes, which leaves at least max_tokens ids between the last id kept and the cut.
+        return 2 * max_tokens * self.max_symbol_bytes
+
+    def _encode_clean(self, cleaned: str, max_tokens: int | None, complete: bool) -> list[int]:
+        """Ids of cleaned text; ``complete=False`` for a prefix whose last pieces may be cut short."""
         to_symbol = self._byte_to_symbol
+        window = None if max_tokens is None else self._merge_window(max_tokens)
+        # A cut can split a word, a contraction or an HTML entity; pieces ending this close to it
+        # are not trusted (the longest entity is 33 characters, escaped twice it is 37).
+        trusted_end = len(cleaned) if complete else len(cleaned) - 64
         ids: list[int] = []
-        for piece in _PRETOKENIZE.findall(clean_text(text, "lower")):
-            ids.extend(self._word_ids("".join([to_symbol[b] for b in piece.encode("utf-8")])))
+        for match in _PRETOKENIZE.finditer(cleaned):
+            data = match.group().encode("utf-8")
+            if window is not None and len(data) > window:
+                # Merging is local, so the ids far before the end of the window are the whole word's.
+                ids.extend(self._merge_word("".join([to_symbol[b] for b in data[:window]]), word_end=False))
+            elif match.end() > trusted_end:
+                break
+            else:
+                ids.extend(self._word_ids("".join([to_symbol[b] for b in data])))
+            if max_tokens is not None and len(ids) >= max_tokens:
+                return ids[:max_tokens]
         return ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
@@ -291,7 +399,8 @@ class CLIPTokenizer:
         length = _check_context_length(length, "CLIPTokenizer")
         rows = []
         for text in texts:
-            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+            # One id more than fits, so a text that overflows is still seen to overflow.
+            ids = [self.sot_token_id, *self.encode(text, max_tokens=length - 1), self.eot_token_id]
             if len(ids) > length:
                 ids = ids[: length - 1] + [self.eot_token_id]
             rows.append(ids + [self.pad_token_id] * (length - len(ids)))
@@ -372,6 +481,8 @@ class HFTokenizer:
         self.pad_token_id: int = self.tokenizer.pad_token_id
         # len() counts added tokens too, so an embedding table of this size covers every id.
         self.vocab_size: int = len(self.tokenizer)
+        # The most characters one id stands for, which bounds how much of a text can fit in a context.
+        self.max_token_chars: int = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.sot_token_id: int | None = _first_not_none(self.tokenizer.bos_token_id, self.tokenizer.cls_token_id)
         self.eot_token_id: int | None = _first_not_none(self.tokenizer.eos_token_id, self.tokenizer.sep_token_id)
 
@@ -397,9 +508,37 @@ class HFTokenizer:
         length = _check_context_length(length, "HFTokenizer")
         if not texts:
             return torch.full((0, length), self.pad_token_id, dtype=torch.long)
-        texts = [clean_text(text, self.clean) for text in texts]
+        texts = [self._clean_prefix(text, length) for text in texts]
         out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
         return out["input_ids"].long()
+
+    def _clean_prefix(self, text: str, length: int) -> str:
+        """The cleaned text, or of a prefix of it that gives the same first ``length`` ids.
+
+        Tokenizers read the whole text before truncating, so a million-character caption would
+        cost seconds; only a prefix that gives at least ``length`` ids is cleaned and tokenized.
+        """
+        budget = max(1024, 8 * length)  # characters; grown while they give too few ids
+        while True:
+            # Without cleaning, whitespace reaches the tokenizer as it is, so it counts.
+            raw_end = budget if len(text) > budget else None
+            end = raw_end if self.clean is None else content_prefix_end(text, budget)
+            prefix = text if end is None else text[:end]
+            # Drop the word the cut may have split: tokenizers split at whitespace first, so the
+            # whole words before it give the text's own first ids. A single giant word is cut as
+            # it is, and must then give twice the ids kept, to keep the cut far from them.
+            last_space = _LAST_WHITESPACE_RUN.search(prefix) if end is not None else None
+            whole_words = last_space is not None and last_space.start() > 0
+            if whole_words:
+                prefix = prefix[: last_space.start()]
+            if self.clean is not None and len(prefix) > _SHORTEN_ABOVE:
+                prefix = shorten_whitespace_runs(prefix)
+            prefix = clean_text(prefix, self.clean)
+            if end is None:
+                return prefix
+            if len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) >= length * (1 if whole_words else 2):
+                return prefix
+            budget *= 4  # e.g. a WordPiece vocabulary maps a long word to one [UNK]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of a 1-D sequence of ids, special tokens and padding removed."""

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Transformer, init_transformer_
 from .base import Encoder
-from .layers import Transformer, check_input, get_act_layer, get_norm_layer, init_transformer_, to_pair
+from .layers import check_input, get_act_layer, get_norm_layer, to_pair
 
 
 def resample_pos_embed(
@@ -177,6 +178,8 @@ class VisionTransformer(Encoder):
     def set_image_size(self, image_size: int | tuple[int, int]) -> None:
         """Permanently resize the positional table to a new input size (e.g. before fine-tuning)."""
         image_size = to_pair(image_size)
+        if image_size[0] % self.patch_size[0] or image_size[1] % self.patch_size[1]:
+            raise ValueError(f"image_size {image_size} must be divisible by patch_size {self.patch_size}")
         new_grid = (image_size[0] // self.patch_size[0], image_size[1] // self.patch_size[1])
         with torch.no_grad():
             resized = resample_pos_embed(self.pos_embed.data, self.grid_size, new_grid, self.num_prefix_tokens)

@@ -5,11 +5,8 @@ Shared by the encoders (local timm / torchvision weights) and the core's checkpo
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +15,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from polymodal.errors import InputError
+
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _MAX_LISTED = 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A weights file that cannot be read, or whose contents do not fit the model."""
 
 
@@ -116,41 +115,3 @@ def load_weights_file(module: nn.Module, path: str | os.PathLike, ignore_prefixe
     prefixes = tuple(ignore_prefixes)
     state = {k: v for k, v in read_state_dict(path).items() if not (prefixes and k.startswith(prefixes))}
     load_state_dict_strict(module, state, source=repr(str(path)))
-
-
-@contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``destination`` only if the block succeeds.
-
-    An existing destination is never overwritten unless ``overwrite=True``; even then the old
-    contents stay in place until the new ones are complete.
-    """
-    destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{str(destination)!r} already exists; pass overwrite=True to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        yield tmp
-        _umask_permissions(tmp)
-        if destination.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-            backup.rmdir()
-            destination.rename(backup)
-            tmp.rename(destination)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(destination)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask_permissions(root: Path) -> None:
-    """Give ``root`` and everything in it the permissions of a plain ``mkdir`` / ``open`` under the current
-    umask: ``mkdtemp`` (and safetensors) create owner-only entries, which others sharing the output could
-    not read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in (root, *root.rglob("*")):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

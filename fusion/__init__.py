@@ -3,7 +3,7 @@
 from .attention import AttentionFusion
 from .concat import ConcatFusion
 from .contrastive import ContrastiveAlignment
-from .cross_attention import CrossAttention, CrossAttentionBlock, CrossAttentionFusion, FusionOutput
+from .cross_attention import CrossAttentionFusion, FusionOutput
 from .distributed import all_gather_with_grad, gather_features
 from .losses import ClipLoss, ContrastiveLossOutput, SigLipLoss, clip_loss, siglip_loss
 
@@ -13,8 +13,6 @@ __all__ = [
     "ConcatFusion",
     "ContrastiveAlignment",
     "ContrastiveLossOutput",
-    "CrossAttention",
-    "CrossAttentionBlock",
     "CrossAttentionFusion",
     "FusionOutput",
     "SigLipLoss",

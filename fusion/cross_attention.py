@@ -1,4 +1,6 @@
-"""Fusion by cross-attention: the tokens of one modality attend to the tokens of another."""
+"""Fusion by cross-attention: the tokens of one modality attend to the tokens of another.
+
+The blocks are ``encoders.attention.CrossAttentionBlock``, the one attention module of the project."""
 
 from __future__ import annotations
 
@@ -6,11 +8,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..encoders.layers import Mlp, get_act_layer, get_norm_layer
+from ..encoders.attention import CrossAttentionBlock
+from ..encoders.layers import get_act_layer, get_norm_layer
 from .inputs import check_batch_sizes, check_feature, check_modalities
 
 
@@ -27,78 +29,6 @@ class FusionOutput:
 
     pooled: torch.Tensor
     tokens: torch.Tensor
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries ``x`` over ``context``, with a fused key/value projection."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"width {dim} must be divisible by the number of heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias, device=device, dtype=dtype)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, device=device, dtype=dtype)
-        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
-        self.attn_drop = attn_drop
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Attend ``x (B, N, dim)`` over ``context (B, M, dim)``; ``key_padding_mask (B, M)``: True = keep."""
-        B, N, C = x.shape
-        M = context.shape[1]
-        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
-        kv = self.kv(context).view(B, M, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, M, head_dim)
-        mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None  # (B, 1, 1, M)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, heads, N, head_dim)
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, dim)
-        return self.proj_drop(self.proj(x))
-
-
-class CrossAttentionBlock(nn.Module):
-    """Pre-norm block: ``x + attn(norm_q(x), norm_kv(context))`` then ``x + mlp(norm2(x))``."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        act_layer: Callable[[], nn.Module] = nn.GELU,
-        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.norm_q = norm_layer(dim).to(**factory)
-        self.norm_kv = norm_layer(dim).to(**factory)
-        self.attn = CrossAttention(dim, num_heads, qkv_bias, attn_drop, drop, **factory)
-        self.norm2 = norm_layer(dim).to(**factory)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **factory)
-
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_kv(context), key_padding_mask)
-        return x + self.mlp(self.norm2(x))
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -17,11 +17,6 @@ import torch
 import torch.distributed as dist
 
 
-def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
-    """Whether ``torch.distributed`` is initialised with more than one rank (in ``group``)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
 def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
     """This process's rank and the number of ranks; ``(0, 1)`` when not running distributed."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -2,7 +2,8 @@
 
 Encoders per modality (``polymodal.encoders``), fusion modules and contrastive losses
 (``polymodal.fusion``), tasks (``polymodal.tasks``), data (``polymodal.datasets``), and the
-core here: the model registry, assembled models, checkpoints and weight conversion.
+core here: the model registry and resolver (``resolve_model``: any model reference to a model),
+assembled models, checkpoints and weight conversion.
 
 The core's names are imported on first use, so ``import polymodal.encoders`` alone stays light.
 """
@@ -17,7 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "captioner": ["CaptioningModel"],
     "checkpoint": ["CheckpointError", "load_state_dict_strict", "read_state_dict"],
-    "config": ["ComponentConfig", "ModelConfig", "PreprocessConfig", "TokenizerConfig", "build_encoder"],
+    "config": ["ComponentConfig", "InputSpec", "ModelConfig", "PreprocessConfig", "TokenizerConfig", "build_encoder"],
+    "errors": ["ConfigError", "InputError", "PolymodalError"],
     "export": ["export_model"],
     "factory": [
         "apply_overrides",
@@ -36,6 +38,7 @@ _EXPORTS = {
         "build_model",
     ],
     "registry": ["get_model_config", "list_models", "register_model"],
+    "resolver": ["ModelReference", "parse_reference", "resolve_model"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

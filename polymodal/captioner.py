@@ -12,13 +12,13 @@ from polymodal.fusion import ContrastiveAlignment
 from polymodal.tasks.captioning import ImageCaptioner
 
 from .checkpoint import PretrainedMixin
-from .config import ComponentConfig, ModelConfig, build_component, build_encoder, decoder_types
-from .model import alignment_from_config
+from .config import ComponentConfig, ModelConfig, build_component, build_encoder, decoder_types, validate_component
+from .model import ResizableTowersMixin, alignment_from_config
 
 __all__ = ["CaptioningModel"]
 
 
-class CaptioningModel(PretrainedMixin, ImageCaptioner):
+class CaptioningModel(ResizableTowersMixin, PretrainedMixin, ImageCaptioner):
     """An image captioner (``polymodal.tasks.ImageCaptioner``) built from, and saved with, a ``ModelConfig``.
 
     Args:
@@ -44,6 +44,8 @@ class CaptioningModel(PretrainedMixin, ImageCaptioner):
     def from_config(cls, config: ModelConfig, device=None, dtype=None) -> CaptioningModel:
         towers = {m: build_encoder(c, device=device, dtype=dtype) for m, c in config.towers.items()}
         args = {"memory_dim": towers["image"].width, **config.decoder.args}
-        decoder = build_component(ComponentConfig(config.decoder.type, args), decoder_types(), device, dtype)
+        decoder_cfg, table = ComponentConfig(config.decoder.type, args), decoder_types()
+        validate_component(decoder_cfg, table, "decoder")  # here, not in ModelConfig: the class lives in tasks
+        decoder = build_component(decoder_cfg, table, device, dtype)
         alignment = alignment_from_config(config, towers, device, dtype) if "text" in towers else None
         return cls(towers["image"], decoder, towers.get("text"), alignment, config)

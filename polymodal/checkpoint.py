@@ -1,11 +1,10 @@
-"""Checkpoint I/O: safe weight reading, strict loading with readable errors, atomic saving."""
+"""Checkpoint I/O: safe weight reading, strict loading with readable errors, atomic saving, and the
+layout of a training run's checkpoints (which the resolver reads without importing the trainer)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from polymodal.encoders.weights import CheckpointError, atomic_directory, load_state_dict_strict, read_state_dict
+from polymodal.encoders.weights import CheckpointError, load_state_dict_strict, read_state_dict
+from polymodal.fileio import atomic_directory, atomic_file, atomic_write_text
 
 __all__ = [
+    "CHECKPOINTS_DIR",
+    "COMPLETE",
     "CONFIG_NAME",
     "FORMAT_NAME",
     "OPEN_CLIP_CONFIG",
@@ -23,9 +25,10 @@ __all__ = [
     "WEIGHTS_NAME",
     "CheckpointError",
     "PretrainedMixin",
-    "atomic_directory",
-    "atomic_write_bytes",
+    "checkpoint_dir",
+    "complete_checkpoints",
     "load_state_dict_strict",
+    "newest_checkpoint",
     "read_state_dict",
     "save_state_dict",
 ]
@@ -36,36 +39,53 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 FORMAT_NAME = "polymodal"
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file through a temporary name and a rename, so readers never see half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# A training run directory holds CHECKPOINTS_DIR/step_XXXXXXXX; the COMPLETE marker is written last,
+# so a checkpoint without it is one a crash interrupted.
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
 
 
 def save_state_dict(
-    state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = True,
 ) -> None:
-    """Save tensors as safetensors atomically (a temporary file renamed into place)."""
-    path = Path(path)
+    """Save tensors as safetensors atomically (readers never see half a file)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where a training run keeps its checkpoint of ``step``."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:08d}"
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first (directories without the marker are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def is_run_directory(path: str | os.PathLike) -> bool:
+    """A training run directory: no model config of its own, a ``checkpoints/`` folder instead."""
+    path = Path(path)
+    return not (path / CONFIG_NAME).is_file() and (path / CHECKPOINTS_DIR).is_dir()
+
+
+def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The newest complete checkpoint of a training run directory."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(
+            f"{str(run_dir)!r} is a training run without a complete checkpoint yet ({CHECKPOINTS_DIR}/ holds "
+            "none with its completion marker); wait for the run to save one"
+        )
+    return found[-1]
 
 
 class PretrainedMixin:
@@ -89,6 +109,6 @@ class PretrainedMixin:
                 "build it with create_model() or from_config() to save it"
             )
         data = {"format": FORMAT_NAME, "polymodal_version": __version__, **self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n", overwrite=True)
         state = self.state_dict() if state is None else state
         save_state_dict(state, directory / WEIGHTS_NAME, metadata={"polymodal_version": __version__})

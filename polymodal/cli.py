@@ -7,7 +7,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+
+from polymodal.errors import InputError, PolymodalError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -38,25 +39,6 @@ def _list_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from polymodal.export import export_model
-    from polymodal.factory import create_model, from_pretrained
-
-    src = Path(args.src)
-    if src.is_dir() and args.model is None:
-        model = from_pretrained(src)
-    elif args.model is not None:
-        model = create_model(args.model, pretrained=src)
-    else:
-        raise SystemExit(
-            f"error: {str(src)!r} is a weights file; say which architecture it holds with --model NAME "
-            "(see 'polymodal list-models')"
-        )
-    out = export_model(model, args.dst, to=args.to, overwrite=args.overwrite)
-    print(f"wrote {args.to} model to {out}")
-    return 0
-
-
 def _train(args: argparse.Namespace) -> int:
     import logging
 
@@ -81,14 +63,14 @@ def format_report(report: dict) -> str:
 
 def _synth(args: argparse.Namespace) -> int:
     from polymodal.datasets import write_synthetic
-    from polymodal.train.config import _parse_value
+    from polymodal.train.config import parse_value
 
     options = {}
     for item in args.options:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"generator option {item!r} is not KEY=VALUE (e.g. image_size=48)")
-        options[key.strip()] = _parse_value(value)
+            raise InputError(f"generator option {item!r} is not KEY=VALUE (e.g. image_size=48)")
+        options[key.strip()] = parse_value(value)
     out = write_synthetic(
         args.kind,
         args.out,
@@ -106,7 +88,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from polymodal import __version__
-    from polymodal.export import EXPORT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="polymodal", description="Multimodal models: encoders, fusion, contrastive training and tasks."
@@ -117,14 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list-models", help="list the registered model names")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_list_models)
-
-    p = sub.add_parser("convert", help="convert weights between polymodal, Hugging Face and open_clip formats")
-    p.add_argument("src", help="a model directory (polymodal, Hugging Face CLIP or open_clip) or a weights file")
-    p.add_argument("dst", help="output directory (or a .safetensors/.pt file for --to open_clip)")
-    p.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="output format")
-    p.add_argument("--model", help="registered architecture of a bare weights file SRC")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.set_defaults(func=_convert)
 
     p = sub.add_parser(
         "train", help="train from a YAML recipe: contrastive by default, or any trainer task (works under torchrun)"
@@ -160,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can raise: polymodal's own errors, and the standard ones for bad values and paths.
+USER_ERRORS = (PolymodalError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line: a user sees ``error: ...`` and nothing else, not a traceback."""
+    text = str(error)
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        text = str(error.args[0])  # KeyError's str() adds quotes
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(parts) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -2,16 +2,20 @@
 
 A tower is described by an encoder ``type`` (a key of ``ENCODER_TYPES``) and the keyword
 arguments of that encoder's constructor, so the constructor stays the single source of truth
-for what an encoder accepts.
+for what an encoder accepts, and, where a config leaves a value out, for its default.
+``ModelConfig.input_spec`` is the one place that says what a tower takes as input.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import inspect
 import json
 import math
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,9 @@ from typing import Any
 from torch import nn
 
 from polymodal import encoders, fusion
+from polymodal.errors import ConfigError, InputError
+
+from .value_types import annotation_of, check_value
 
 ENCODER_TYPES: dict[str, type[nn.Module]] = {
     "vit": encoders.VisionTransformer,
@@ -36,14 +43,24 @@ FUSION_TYPES: dict[str, type[nn.Module]] = {
     "attention": fusion.AttentionFusion,
 }
 
+# Decoder classes live in ``polymodal.tasks``, which a config must not import just to be read:
+# names are checked when a config is validated, the classes imported only to build one.
+DECODER_TYPES: dict[str, str] = {"transformer": "polymodal.tasks.captioning.decoder:CaptionDecoder"}
+
 MODEL_KINDS = ("contrastive", "late_fusion", "captioner")
+
+# Audio clips are cut to this length when a config does not say; no encoder constructor has a
+# clip length (a spectrogram CNN pools over any length), so the config module is its home.
+DEFAULT_CLIP_SECONDS = 1.0
 
 
 def decoder_types() -> dict[str, type[nn.Module]]:
-    """Caption decoders by config type name (imported on demand: ``polymodal.tasks`` pulls in matplotlib)."""
-    from polymodal.tasks.captioning import CaptionDecoder
-
-    return {"transformer": CaptionDecoder}
+    """Caption decoders by config type name, imported on demand (``polymodal.tasks`` is heavy)."""
+    table = {}
+    for name, target in DECODER_TYPES.items():
+        module, attr = target.split(":")
+        table[name] = getattr(importlib.import_module(module), attr)
+    return table
 
 
 @dataclass
@@ -56,16 +73,22 @@ class ComponentConfig:
 
 @dataclass
 class TokenizerConfig:
-    """How text is turned into ids: ``"clip"`` (BPE from open_clip's vocabulary) or ``"hf"`` (a local directory)."""
+    """How text is turned into ids: ``"clip"`` (BPE from open_clip's vocabulary) or ``"hf"`` (a local directory).
+
+    ``context_length`` unset means the text tower's (``ModelConfig.input_spec("text")``).
+    """
 
     type: str = "clip"
-    context_length: int = 77
+    context_length: int | None = None
     path: str | None = None
 
 
 @dataclass
 class PreprocessConfig:
-    """Input preprocessing bundled with a model, so weights always travel with how to feed them."""
+    """Input preprocessing bundled with a model, so weights always travel with how to feed them.
+
+    A value left unset is the tower's (its constructor argument, else the constructor's default).
+    """
 
     image_size: int | list[int] | None = None
     mean: list[float] | None = None
@@ -74,6 +97,33 @@ class PreprocessConfig:
     resize_mode: str = "shortest"
     sample_rate: int | None = None
     clip_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one tower takes as input, resolved from the config; ``None`` where it does not apply.
+
+    Attributes:
+        modality: ``"image"``, ``"audio"`` or ``"text"``.
+        image_size: ``(height, width)`` of the images the tower takes.
+        channels: image channels.
+        mean, std: per-channel normalisation of images.
+        interpolation, resize_mode: how images are resized (see ``image_transform``).
+        sample_rate: audio samples per second.
+        clip_seconds: length audio is cropped or padded to.
+        context_length: tokens per text.
+    """
+
+    modality: str
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+    resize_mode: str | None = None
+    sample_rate: int | None = None
+    clip_seconds: float | None = None
+    context_length: int | None = None
 
 
 @dataclass
@@ -94,7 +144,7 @@ class ModelConfig:
         class_names: optional names of those classes, in the head's order.
         tokenizer: text tokenisation, when a text tower or a caption decoder is present.
         preprocess: image / audio preprocessing.
-        decoder: the caption decoder of a captioner (``type`` a key of ``decoder_types()``); its
+        decoder: the caption decoder of a captioner (``type`` a key of ``DECODER_TYPES``); its
             ``memory_dim`` defaults to the image tower's width.
     """
 
@@ -113,87 +163,240 @@ class ModelConfig:
     decoder: ComponentConfig | None = None
 
     def __post_init__(self) -> None:
-        self.towers = {k: _as(ComponentConfig, v) for k, v in self.towers.items()}
-        self.fusion = _as(ComponentConfig, self.fusion) if self.fusion is not None else None
-        self.decoder = _as(ComponentConfig, self.decoder) if self.decoder is not None else None
-        self.tokenizer = _as(TokenizerConfig, self.tokenizer) if self.tokenizer is not None else None
-        self.preprocess = _as(PreprocessConfig, self.preprocess)
+        if not isinstance(self.towers, dict):
+            raise ConfigError(f"towers must be a mapping of modality to tower config, got {self.towers!r}")
+        check_fields(self, skip=("towers",))  # each tower is checked below, with its own name
+        self.towers = {k: _as(ComponentConfig, v, f"towers.{k}") for k, v in self.towers.items()}
+        self.fusion = _as(ComponentConfig, self.fusion, "fusion") if self.fusion is not None else None
+        self.decoder = _as(ComponentConfig, self.decoder, "decoder") if self.decoder is not None else None
+        self.tokenizer = _as(TokenizerConfig, self.tokenizer, "tokenizer") if self.tokenizer is not None else None
+        self.preprocess = _as(PreprocessConfig, self.preprocess, "preprocess")
         self.validate()
 
     def validate(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
-        if not self.towers:
-            raise ValueError(f"model {self.name!r} has no towers")
-        if self.kind == "contrastive" and len(self.towers) < 2:
-            raise ValueError(f"a contrastive model needs at least two towers, {self.name!r} has {sorted(self.towers)}")
-        if self.kind == "late_fusion" and (self.fusion is None or not self.num_classes):
-            raise ValueError("a late-fusion model needs a fusion config and num_classes")
-        if self.class_names is not None and (
-            len(self.class_names) != self.num_classes
-            or len(set(self.class_names)) != len(self.class_names)
-            or not all(isinstance(c, str) and c for c in self.class_names)
-        ):
-            raise ValueError(
-                f"class_names must be {self.num_classes} distinct non-empty strings (one per class), "
-                f"got {self.class_names!r}"
-            )
+        """Raise ``ConfigError`` on the first inconsistency, naming the field."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.kind in MODEL_KINDS, f"model kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        need(bool(self.towers), f"model {self.name!r} has no towers")
+        need(
+            self.kind != "contrastive" or len(self.towers) >= 2,
+            f"a contrastive model needs at least two towers, {self.name!r} has {sorted(self.towers)}",
+        )
+        need(
+            self.kind != "late_fusion" or (self.fusion is not None and bool(self.num_classes)),
+            "a late-fusion model needs a fusion config and num_classes",
+        )
+        need(
+            self.class_names is None
+            or (
+                len(self.class_names) == self.num_classes
+                and len(set(self.class_names)) == len(self.class_names)
+                and all(c for c in self.class_names)
+            ),
+            f"class_names must be {self.num_classes} distinct non-empty strings (one per class), "
+            f"got {self.class_names!r}",
+        )
         if self.kind == "captioner":
-            if self.decoder is None or "image" not in self.towers or not set(self.towers) <= {"image", "text"}:
-                raise ValueError(
-                    f"a captioner needs a decoder config and an image tower (plus optionally a text tower), "
-                    f"{self.name!r} has decoder={self.decoder is not None} and towers {sorted(self.towers)}"
-                )
-        elif self.decoder is not None:
-            raise ValueError(f"only captioner models take a decoder; {self.name!r} is a {self.kind} model")
+            need(
+                self.decoder is not None and "image" in self.towers and set(self.towers) <= {"image", "text"},
+                f"a captioner needs a decoder config and an image tower (plus optionally a text tower), "
+                f"{self.name!r} has decoder={self.decoder is not None} and towers {sorted(self.towers)}",
+            )
+            need(
+                self.decoder.type in DECODER_TYPES,
+                f"decoder: unknown type {self.decoder.type!r}; expected one of {sorted(DECODER_TYPES)}",
+            )
+        else:
+            need(self.decoder is None, f"only captioner models take a decoder; {self.name!r} is a {self.kind} model")
         for modality, tower in self.towers.items():
             validate_component(tower, ENCODER_TYPES, f"towers.{modality}")
         if self.fusion is not None:
             validate_component(self.fusion, FUSION_TYPES, "fusion")
-        if self.decoder is not None:
-            validate_component(self.decoder, decoder_types(), "decoder")
+        self._check_input_facts()
+
+    def _check_input_facts(self) -> None:
+        """A fact given twice (preprocess and tower) must agree, or the transform feeds the tower wrong inputs."""
+        pre = self.preprocess
+        image = self.towers.get("image")
+        tower_size = image.args.get("image_size") if image is not None else None
+        if pre.image_size is not None and tower_size is not None and _pair(pre.image_size) != _pair(tower_size):
+            raise ConfigError(
+                f"preprocess.image_size {pre.image_size!r} disagrees with towers.image.args.image_size "
+                f"{tower_size!r}; the transform must produce what the tower takes (set one)"
+            )
+        audio = self.towers.get("audio")
+        # the spectrogram's filters are built for the tower's rate, its constructor default included
+        tower_rate = _tower_value(audio, "sample_rate") if audio is not None else None
+        if pre.sample_rate is not None and tower_rate is not None and pre.sample_rate != tower_rate:
+            raise ConfigError(
+                f"preprocess.sample_rate {pre.sample_rate} disagrees with towers.audio.args.sample_rate "
+                f"{tower_rate}; audio must be resampled to the rate the tower's spectrogram is built for (set one)"
+            )
+        text = self.towers.get("text")
+        if text is not None and self.tokenizer is not None and self.tokenizer.context_length is not None:
+            tower_length = _tower_value(text, "context_length")
+            if tower_length is not None and self.tokenizer.context_length > tower_length:
+                raise ConfigError(
+                    f"tokenizer.context_length {self.tokenizer.context_length} exceeds the text tower's "
+                    f"context_length {tower_length}; expected at most {tower_length}"
+                )
+
+    @property
+    def query_modality(self) -> str:
+        """The tower that is queried by text: the one non-text tower of an image-text / audio-text model
+        (``"image"`` when there are several, e.g. ImageBind-style). Zero-shot classification, retrieval
+        evaluation and explanations all ask this, never re-derive it."""
+        query = query_modality_of(self.towers)
+        if query is None:
+            raise InputError(f"model {self.name!r} has only a text tower, so nothing is queried by text")
+        return query
+
+    def input_spec(self, modality: str) -> InputSpec:
+        """What the ``modality`` tower takes: the preprocess / tokenizer config, else the tower's
+        arguments, else its constructor's defaults. Transforms, tokenizers, data and exporters read this."""
+        if modality not in self.towers:
+            raise InputError(f"model {self.name!r} has no {modality!r} tower; it has {sorted(self.towers)}")
+        tower, pre = self.towers[modality], self.preprocess
+        if modality == "image":
+            size = pre.image_size if pre.image_size is not None else _tower_value(tower, "image_size")
+            defaults = inspect.signature(encoders.image_transform).parameters
+            return InputSpec(
+                modality,
+                image_size=_pair(size) if size is not None else None,
+                channels=_tower_value(tower, "in_chans"),
+                mean=tuple(pre.mean if pre.mean is not None else defaults["mean"].default),
+                std=tuple(pre.std if pre.std is not None else defaults["std"].default),
+                interpolation=pre.interpolation,
+                resize_mode=pre.resize_mode,
+            )
+        if modality == "audio":
+            rate = pre.sample_rate if pre.sample_rate is not None else _tower_value(tower, "sample_rate")
+            clip = pre.clip_seconds if pre.clip_seconds is not None else DEFAULT_CLIP_SECONDS
+            return InputSpec(modality, sample_rate=rate, clip_seconds=clip)
+        length = self.tokenizer.context_length if self.tokenizer is not None else None
+        if length is None:
+            length = _tower_value(tower, "context_length")
+        return InputSpec(modality, context_length=length)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a mapping of fields, got {type(data).__name__}")
         data = copy.deepcopy(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - {"polymodal_version", "format"})
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; expected some of {sorted(known)}")
+            raise ConfigError(f"unknown model config keys {unknown}; expected some of {sorted(known)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in data)
+        if missing:
+            raise ConfigError(f"model config lacks {missing}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
-    @classmethod
-    def load_json(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+def query_modality_of(modalities: Iterable[str]) -> str | None:
+    """Of some towers, the one text queries: the non-text tower, ``"image"`` when there are several;
+    ``None`` when there is only text. ``ModelConfig.query_modality`` applies it to a model's towers."""
+    others = sorted(m for m in modalities if m != "text")
+    if not others:
+        return None
+    return "image" if "image" in others else others[0]
 
 
-def _as(kind: type, value: Any) -> Any:
+def read_json_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path``; ``ConfigError`` naming the file when it is not JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({err}); expected a JSON object of config fields") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} holds a JSON {type(data).__name__}; expected an object of config fields")
+    return data
+
+
+def model_config_from_file(path: str | os.PathLike, data: dict[str, Any] | None = None) -> ModelConfig:
+    """The ``ModelConfig`` saved in ``path`` (``data``: its contents, when already read); errors name the file."""
+    data = read_json_mapping(path) if data is None else data
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{str(path)!r}: {err}") from None
+
+
+_DATACLASSES = {
+    "ComponentConfig": ComponentConfig,
+    "TokenizerConfig": TokenizerConfig,
+    "PreprocessConfig": PreprocessConfig,
+}
+
+
+def check_fields(obj: Any, where: str = "", skip: tuple[str, ...] = ()) -> None:
+    """Type-check every field of a config dataclass against its annotation (``ConfigError`` naming it)."""
+    prefix = f"{where}." if where else ""
+    for f in dataclasses.fields(obj):
+        if f.name not in skip:
+            check_value(getattr(obj, f.name), str(f.type), f"{prefix}{f.name}", _DATACLASSES)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _as(kind: type, value: Any, where: str) -> Any:
     if isinstance(value, kind):
+        check_fields(value, where)
         return value
-    if isinstance(value, dict):
-        return kind(**value)
-    raise TypeError(f"expected a {kind.__name__} or a dict, got {type(value).__name__}")
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of {kind.__name__} fields, got {type(value).__name__}")
+    fields = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - fields)
+    missing = sorted(f.name for f in dataclasses.fields(kind) if _required(f) and f.name not in value)
+    if unknown or missing:
+        raise ConfigError(
+            f"{where}: unknown keys {unknown} / missing keys {missing}; expected some of {sorted(fields)}"
+        )
+    part = kind(**value)
+    check_fields(part, where)
+    return part
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _tower_value(tower: ComponentConfig, name: str) -> Any:
+    """A tower's constructor argument ``name`` as configured, else the constructor's default (or ``None``)."""
+    if name in tower.args:
+        return tower.args[name]
+    parameter = inspect.signature(ENCODER_TYPES[tower.type]).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
 
 
 def validate_component(cfg: ComponentConfig, table: dict[str, Any], where: str) -> None:
-    """Check that ``cfg.type`` is known and ``cfg.args`` are arguments its constructor accepts."""
+    """Check that ``cfg.type`` is known and ``cfg.args`` are arguments its constructor accepts, of the
+    types its annotations say."""
     if cfg.type not in table:
-        raise ValueError(f"{where}: unknown type {cfg.type!r}; expected one of {sorted(table)}")
+        raise ConfigError(f"{where}: unknown type {cfg.type!r}; expected one of {sorted(table)}")
     params = inspect.signature(table[cfg.type]).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(cfg.args) - set(params) - {"device", "dtype"})
-    if unknown:
-        raise ValueError(
-            f"{where}: {table[cfg.type].__name__} has no arguments {unknown}; "
-            f"it accepts {sorted(p for p in params if p not in ('self', 'device', 'dtype'))}"
-        )
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(cfg.args) - set(params) - {"device", "dtype"})
+        if unknown:
+            raise ConfigError(
+                f"{where}: {table[cfg.type].__name__} has no arguments {unknown}; "
+                f"it accepts {sorted(p for p in params if p not in ('self', 'device', 'dtype'))}"
+            )
+    for name, value in cfg.args.items():
+        annotation = annotation_of(params[name]) if name in params else None
+        if annotation is not None:
+            check_value(value, annotation, f"{where}.args.{name}")
 
 
 def build_component(cfg: ComponentConfig, table: dict[str, Any], device=None, dtype=None) -> nn.Module:

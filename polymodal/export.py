@@ -9,14 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (
-    OPEN_CLIP_CONFIG,
-    OPEN_CLIP_WEIGHTS,
-    CheckpointError,
-    atomic_directory,
-    atomic_write_bytes,
-    save_state_dict,
-)
+from polymodal.fileio import atomic_directory, atomic_file
+
+from .checkpoint import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, CheckpointError, save_state_dict
 from .convert import hf_config_from, open_clip_model_cfg, polymodal_to_hf, polymodal_to_open_clip
 
 EXPORT_FORMATS = ("polymodal", "hf", "open_clip")
@@ -36,7 +31,7 @@ def export_hf(model: nn.Module, destination: str | os.PathLike, overwrite: bool 
     hf_config = CLIPConfig(**hf_config_from(config))
     state = polymodal_to_hf(model.state_dict())
     pre = config.preprocess
-    size = pre.image_size or config.towers["image"].args.get("image_size", 224)
+    size = config.input_spec("image").image_size[0]  # HF CLIP is square: hf_config_from refused anything else
     processor_kwargs = {k: v for k, v in (("image_mean", pre.mean), ("image_std", pre.std)) if v is not None}
     with atomic_directory(destination, overwrite=overwrite) as tmp:
         hf_config.save_pretrained(tmp)
@@ -55,17 +50,11 @@ def export_open_clip(model: nn.Module, destination: str | os.PathLike, overwrite
     state = polymodal_to_open_clip(model.state_dict(), config)
     destination = Path(destination)
     if destination.suffix in (".safetensors", ".pt", ".bin", ".pth"):
-        if destination.exists() and not overwrite:
-            raise FileExistsError(f"{str(destination)!r} already exists; pass overwrite=True to replace it")
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if destination.suffix == ".safetensors":
-            save_state_dict(state, destination)
-        else:
-            import io
-
-            buffer = io.BytesIO()
-            torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
-            atomic_write_bytes(destination, buffer.getvalue())
+        with atomic_file(destination, overwrite=overwrite) as tmp:
+            if destination.suffix == ".safetensors":
+                save_state_dict(state, tmp)
+            else:
+                torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
         return destination
     pre = config.preprocess
     preprocess_cfg = {k: v for k, v in (("mean", pre.mean), ("std", pre.std)) if v is not None}

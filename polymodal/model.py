@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from polymodal.encoders.layers import to_pair
 from polymodal.fusion import ContrastiveAlignment
 
 from .checkpoint import PretrainedMixin
-from .config import FUSION_TYPES, ModelConfig, build_component, build_encoder
+from .config import ENCODER_TYPES, FUSION_TYPES, ModelConfig, build_component, build_encoder
+from .errors import ConfigError
+
+# tower attributes that size a positional table, and the model method that changes each with the config
+_RESIZERS = {"image_size": "set_image_size", "context_length": "set_context_length"}
 
 
 @dataclass
@@ -36,7 +45,75 @@ class ClassifierOutput:
     fused: torch.Tensor
 
 
-class ContrastiveModel(PretrainedMixin, nn.Module):
+class ResizableTowersMixin:
+    """Resizing a tower's input through the model, so that its config (the home of each tower's input
+    spec) follows and a saved model loads again. Saving refuses a model whose towers were resized behind
+    the config's back (e.g. ``model.towers["image"].set_image_size`` called directly)."""
+
+    towers: nn.ModuleDict
+    config: ModelConfig | None
+
+    def _tower_args(self, modality: str, method: str) -> dict[str, Any]:
+        if modality not in self.towers or not hasattr(self.towers[modality], method):
+            raise ConfigError(
+                f"this model has no {modality!r} tower with {method}(); its towers are {list(self.towers)}"
+            )
+        if self.config is None:
+            raise ConfigError(f"{method}() needs a model built from a ModelConfig, so that the config can follow")
+        return self.config.towers[modality].args
+
+    def set_image_size(self, image_size: int | tuple[int, int], modality: str = "image") -> None:
+        """Resize the positional table of the ``modality`` tower to a new input size, and the config
+        (the tower's ``image_size``, and the image preprocessing) with it."""
+        args = self._tower_args(modality, "set_image_size")
+        self.towers[modality].set_image_size(image_size)
+        size = to_pair(image_size)
+        args["image_size"] = size[0] if size[0] == size[1] else list(size)
+        if modality == "image" and self.config.preprocess.image_size is not None:
+            self.config.preprocess.image_size = args["image_size"]
+
+    def set_context_length(self, context_length: int) -> None:
+        """Resize the text tower's positional table to ``context_length`` tokens, and the config (the
+        tower's ``context_length`` and the tokenizer's) with it."""
+        args = self._tower_args("text", "set_context_length")
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None and context_length > decoder.context_length:
+            raise ConfigError(
+                f"context_length {context_length} is longer than the caption decoder's {decoder.context_length} "
+                "positions, and the decoder shares the tokenizer"
+            )
+        self.towers["text"].set_context_length(context_length)
+        args["context_length"] = context_length
+        if self.config.tokenizer is not None:
+            self.config.tokenizer.context_length = context_length
+
+    def check_towers_match_config(self) -> None:
+        """Raise a ``ConfigError`` when a tower's input size differs from the one its config states."""
+        if self.config is None:
+            return
+        for modality, tower in self.towers.items():
+            cfg = self.config.towers[modality]
+            params = inspect.signature(ENCODER_TYPES[cfg.type]).parameters
+            for attr, method in _RESIZERS.items():
+                if not hasattr(tower, attr) or attr not in params:
+                    continue
+                stated = cfg.args.get(attr, params[attr].default)
+                actual = getattr(tower, attr)
+                if attr == "image_size":
+                    stated, actual = to_pair(stated), to_pair(actual)
+                if stated != actual:
+                    raise ConfigError(
+                        f"the {modality!r} tower's {attr} is {actual} but the model config says {stated}, so the "
+                        f"saved model would not load; resize through the model, model.{method}(...), which "
+                        "updates the config too"
+                    )
+
+    def write_pretrained_files(self, directory: Path, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.check_towers_match_config()  # before anything is written: a refused save leaves no directory
+        super().write_pretrained_files(directory, state)
+
+
+class ContrastiveModel(ResizableTowersMixin, PretrainedMixin, nn.Module):
     """Towers keyed by modality projected into one embedding space (CLIP, CLAP, ImageBind-style).
 
     Args:
@@ -115,11 +192,13 @@ def alignment_from_config(
     ).to(device=device, dtype=dtype)
 
 
-class LateFusionClassifier(PretrainedMixin, nn.Module):
+class LateFusionClassifier(ResizableTowersMixin, PretrainedMixin, nn.Module):
     """Encoders per modality, a fusion module over their outputs, and a classification head.
 
     Fusion modules that work on token sequences (``fusion.input_kind == "tokens"``) get each
-    encoder's ``forward_features``; the others get the pooled ``forward`` output. With token fusion,
+    encoder's ``forward_features`` and, as ``fusion(features, masks)``, the padding mask of each
+    encoder that has padding (``Encoder.token_mask``: a text tower's, from the token ids); the others
+    get the pooled ``forward`` output. With token fusion,
     build the encoders with ``output_dim=None`` so they carry no unused pooled projection.
 
     Args:
@@ -155,12 +234,17 @@ class LateFusionClassifier(PretrainedMixin, nn.Module):
         missing = sorted(set(self.towers) - set(inputs))
         if missing:
             raise ValueError(f"missing inputs {missing}; this classifier takes {list(self.towers)}")
-        wants_tokens = getattr(self.fusion, "input_kind", "pooled") == "tokens"
-        feats = {
-            m: (self.towers[m].forward_features(inputs[m]) if wants_tokens else self.towers[m](inputs[m]))
-            for m in self.towers
-        }
-        fused = self.fusion(feats)
+        if getattr(self.fusion, "input_kind", "pooled") == "tokens":
+            feats = {m: self.towers[m].forward_features(inputs[m]) for m in self.towers}
+            masks = {}
+            for m, tower in self.towers.items():
+                # stub towers (nn.Linear, nn.Identity) have no padding to report
+                mask = tower.token_mask(inputs[m]) if hasattr(tower, "token_mask") else None
+                if mask is not None:
+                    masks[m] = mask
+            fused = self.fusion(feats, masks)
+        else:
+            fused = self.fusion({m: self.towers[m](inputs[m]) for m in self.towers})
         fused = getattr(fused, "pooled", fused)
         return ClassifierOutput(logits=self.head(fused), fused=fused)
 

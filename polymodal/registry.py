@@ -6,6 +6,8 @@ import copy
 import json
 from importlib import resources
 
+from polymodal.errors import ConfigError, InputError
+
 from .config import ModelConfig
 
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -17,7 +19,7 @@ def register_model(config: ModelConfig | dict, name: str | None = None) -> Model
         config = ModelConfig.from_dict(config)
     name = name or config.name
     if name in _REGISTRY:
-        raise ValueError(f"a model named {name!r} is already registered")
+        raise InputError(f"a model named {name!r} is already registered")
     config = copy.deepcopy(config)
     config.name = name
     _REGISTRY[name] = config
@@ -32,14 +34,17 @@ def list_models() -> list[str]:
 def get_model_config(name: str) -> ModelConfig:
     """A copy of the registered config (editing it does not change the registry)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered models are {list_models()}")
+        raise InputError(f"unknown model {name!r}; registered models are {list_models()}")
     return copy.deepcopy(_REGISTRY[name])
 
 
 def _register_builtin() -> None:
     for entry in sorted(resources.files("polymodal").joinpath("model_configs").iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".json"):
-            register_model(json.loads(entry.read_text()))
+            try:
+                register_model(json.loads(entry.read_text()))
+            except (ConfigError, json.JSONDecodeError) as err:
+                raise ConfigError(f"built-in model config {entry.name}: {err}") from None
 
 
 _register_builtin()

@@ -1,5 +1,5 @@
 """Tasks on top of encoders and fusion: zero-shot classification, classification heads and linear probes,
-retrieval metrics, captioning and plots."""
+retrieval metrics, held-out evaluation (one dataset-embedding loop), captioning and plots."""
 
 from .captioning import (
     CaptionDecoder,
@@ -21,7 +21,17 @@ from .classification import (
     default_top_k,
     evaluate_classifier,
     model_logits,
-    train_classifier,
+)
+from .embedding import EmbeddedData, embed_dataset, eval_mode
+from .evaluation import (
+    RetrievalExamples,
+    caption_matches,
+    evaluate_contrastive,
+    format_metrics,
+    label_indices,
+    plot_retrieval_examples,
+    retrieval_verdicts,
+    zero_shot_on_labels,
 )
 from .index import EmbeddingIndex, IndexMismatchError, SearchResult, model_identity
 from .linear_probe import (
@@ -32,7 +42,6 @@ from .linear_probe import (
     fit_linear_probe,
     split_validation,
 )
-from .plots import plot_confusion, plot_curves, plot_retrieval_grid, plot_similarity_matrix
 from .retrieval_metrics import image_text_retrieval_metrics, recall_at_k, retrieval_metrics, retrieval_ranks
 from .templates import (
     AUDIO_TEMPLATES,
@@ -52,6 +61,26 @@ from .zero_shot import (
     zero_shot_accuracy,
 )
 
+# Plotting pulls in matplotlib; it loads on first use so that building a model (a CoCa imports the caption
+# decoder from here) or embedding data never does.
+_PLOTS = (
+    "curves_figure",
+    "plot_confusion",
+    "plot_curves",
+    "plot_retrieval_grid",
+    "plot_similarity_matrix",
+    "retrieval_grid_figure",
+)
+
+
+def __getattr__(name: str):
+    if name in _PLOTS:
+        from . import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AUDIO_TEMPLATES",
     "BatchLabels",
@@ -61,12 +90,14 @@ __all__ = [
     "ClassificationResult",
     "DEFAULT_WEIGHT_DECAY",
     "DEFAULT_WEIGHT_DECAYS",
+    "EmbeddedData",
     "EmbeddingIndex",
     "FaissSearcher",
     "IMAGE_ENSEMBLE_TEMPLATES",
     "ImageCaptioner",
     "IndexMismatchError",
     "LinearProbe",
+    "RetrievalExamples",
     "SIMPLE_IMAGE_TEMPLATES",
     "SearchResult",
     "TEMPLATE_SETS",
@@ -75,32 +106,42 @@ __all__ = [
     "beam_search",
     "build_zero_shot_classifier",
     "caption_loss",
+    "caption_matches",
     "check_templates",
     "cider_d",
     "classification_metrics",
     "corpus_bleu",
+    "curves_figure",
     "default_top_k",
+    "embed_dataset",
+    "eval_mode",
     "evaluate_classifier",
+    "evaluate_contrastive",
     "evaluate_zero_shot",
     "exact_search",
     "extract_features",
     "fit_linear_probe",
+    "format_metrics",
     "generate",
     "get_templates",
     "greedy_search",
     "image_text_retrieval_metrics",
+    "label_indices",
     "meta_label_fn",
     "model_identity",
     "model_logits",
     "plot_confusion",
     "plot_curves",
+    "plot_retrieval_examples",
     "plot_retrieval_grid",
     "plot_similarity_matrix",
     "recall_at_k",
+    "retrieval_grid_figure",
     "retrieval_metrics",
     "retrieval_ranks",
+    "retrieval_verdicts",
     "sample",
     "split_validation",
-    "train_classifier",
     "zero_shot_accuracy",
+    "zero_shot_on_labels",
 ]

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..encoders.weights import atomic_directory
+from polymodal.fileio import atomic_directory
+
+from .embedding import embed_dataset, encoder_for, eval_mode, model_device
 from .model_identity import model_identity
 from .vector_search import FAISS_KINDS, FaissSearcher, check_embeddings, exact_search, overlap_at_k
-from .zero_shot import _encoder, _model_device, eval_mode
 
 __all__ = [
     "EMBEDDINGS_FILE",
@@ -118,6 +118,29 @@ def _decode_rgb(path: Path):
 
 def _as_list(items: Sequence[Any]) -> list:
     return items
+
+
+class _StackItems:
+    """``embed_dataset``'s ``batch_fn`` for lists of dataset items: stacks the ``modality`` entries of the
+    dict items, leaves out (and counts) the others (``SkippedSample``), and records each item's id."""
+
+    def __init__(self, modality: str, id_key: str) -> None:
+        self.modality, self.id_key = modality, id_key
+        self.ids: list[str] = []
+        self.skipped = 0
+
+    def __call__(self, items: list[Any]) -> tuple[torch.Tensor, None, list[dict]]:
+        good = [it for it in items if isinstance(it, Mapping)]
+        self.skipped += len(items) - len(good)
+        if not good:
+            return torch.empty(0), None, []
+        seen = len(self.ids)
+        missing = [seen + j for j, it in enumerate(good) if self.modality not in it]
+        if missing:
+            raise ValueError(f"dataset items {missing[:5]} have no {self.modality!r} entry; keys: {sorted(good[0])}")
+        meta = [dict(it.get("meta") or {}) for it in good]
+        self.ids += [str(m.get(self.id_key, seen + j)) for j, m in enumerate(meta)]
+        return torch.stack([torch.as_tensor(it[self.modality]) for it in good]), None, meta
 
 
 class EmbeddingIndex:
@@ -210,42 +233,16 @@ class EmbeddingIndex:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        encode = _encoder(model, modality)
-        device = torch.device(device) if device is not None else _model_device(model)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list, shuffle=False
         )
-        chunks, ids, metadata, skipped, seen = [], [], [], 0, 0
-        total = len(dataset) if hasattr(dataset, "__len__") else None
-        with (
-            torch.no_grad(),
-            eval_mode(model),
-            tqdm(total=total, desc="index", unit="item", disable=not progress) as bar,
-        ):
-            for items in loader:
-                good = [it for it in items if isinstance(it, Mapping)]
-                skipped += len(items) - len(good)
-                bar.update(len(items))
-                if not good:
-                    continue
-                missing = [seen + j for j, it in enumerate(good) if modality not in it]
-                if missing:
-                    raise ValueError(f"dataset items {missing[:5]} have no {modality!r} entry; keys: {sorted(good[0])}")
-                x = torch.stack([torch.as_tensor(it[modality]) for it in good]).to(device)
-                emb = encode(x, normalize=True)
-                if emb.ndim != 2 or emb.shape[0] != len(good):
-                    raise ValueError(f"encode_{modality} returned {tuple(emb.shape)} for {len(good)} inputs")
-                chunks.append(emb.float().cpu())
-                for j, it in enumerate(good):
-                    meta = dict(it.get("meta") or {})
-                    ids.append(str(meta.get(id_key, seen + j)))
-                    metadata.append(meta)
-                seen += len(good)
-        if not chunks:
-            raise ValueError(f"the dataset yielded no usable {modality} items ({skipped} skipped)")
+        items = _StackItems(modality, id_key)
+        data = embed_dataset(model, loader, modality, batch_fn=items, device=device, progress=progress, desc="index")
+        if len(data) == 0:
+            raise ValueError(f"the dataset yielded no usable {modality} items ({items.skipped} skipped)")
         info = model_identity(model, modality)
-        index = cls(torch.cat(chunks), ids, info, metadata, **kwargs)
-        index.skipped = skipped
+        index = cls(data.features, items.ids, info, data.meta, **kwargs)
+        index.skipped = items.skipped
         return index
 
     @classmethod
@@ -428,8 +425,8 @@ class EmbeddingIndex:
     def search_inputs(self, model: Any, modality: str, inputs: torch.Tensor, k: int = 10) -> SearchResult:
         """Embed a batch of ``modality`` inputs with ``model`` (checked against the index's model) and search."""
         self.check_model(model)
-        encode = _encoder(model, modality)
-        device = _model_device(model)
+        encode = encoder_for(model, modality)
+        device = model_device(model)
         with torch.no_grad(), eval_mode(model):
             queries = encode(inputs.to(device), normalize=True)
         return self.search(queries, k)

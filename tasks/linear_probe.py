@@ -14,7 +14,7 @@ standardisation is folded into the returned ``nn.Linear``, which takes raw featu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .zero_shot import _check_labels, _model_device, default_label_fn, eval_mode
+from .embedding import embed_dataset
+from .zero_shot import check_labels, default_label_fn
 
 __all__ = [
     "DEFAULT_WEIGHT_DECAY",
@@ -40,7 +41,6 @@ _METHODS = ("lbfgs", "adam")
 _SMALL_FIT = 1 << 22  # feature elements up to which a fit runs on one thread
 
 
-@torch.no_grad()
 def extract_features(
     encoder: Callable[[torch.Tensor], torch.Tensor],
     dataloader: Iterable[Any],
@@ -63,28 +63,20 @@ def extract_features(
         desc: the progress bar's label.
     """
     label_fn = label_fn or default_label_fn
-    device = torch.device(device) if device is not None else _model_device(encoder)
-    chunks, all_labels = [], []
-    with eval_mode(encoder):
-        for step, batch in enumerate(tqdm(dataloader, disable=not progress, desc=desc, unit="batch")):
-            x, labels = label_fn(batch)
-            if len(labels) == 0:
-                continue
-            x = {k: v.to(device) for k, v in x.items()} if isinstance(x, Mapping) else x.to(device)
-            feats = encoder(x)
-            if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or feats.shape[0] != len(labels):
-                shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
-                raise ValueError(
-                    f"batch {step}: the encoder returned {shape} for {len(labels)} samples; expected (B, D)"
-                )
-            chunks.append(feats.float().cpu())
-            all_labels.append(torch.as_tensor(labels).long())
-    if not chunks:
+    data = embed_dataset(
+        encoder,
+        dataloader,
+        encode=encoder,
+        batch_fn=lambda batch: (*label_fn(batch), None),
+        device=device,
+        progress=progress,
+        desc=desc,
+    )
+    if len(data) == 0:
         raise ValueError("extract_features got no labelled samples from the dataloader")
-    features = torch.cat(chunks)
-    if not torch.isfinite(features).all():
+    if not torch.isfinite(data.features).all():
         raise ValueError("the encoder produced NaN or infinite features")
-    return features, torch.cat(all_labels)
+    return data.features, data.labels.long()
 
 
 def split_validation(
@@ -176,7 +168,7 @@ def _check_features(
         raise ValueError(f"{name} must be a non-empty (N, D) tensor, got {shape}")
     if not torch.isfinite(features).all():
         raise ValueError(f"{name} contain NaN or infinite values")
-    labels = _check_labels(labels, features.shape[0], num_classes or 2**62, f"{name} labels")
+    labels = check_labels(labels, features.shape[0], num_classes or 2**62, f"{name} labels")
     return features.float().cpu(), labels.cpu()
 
 

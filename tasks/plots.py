@@ -3,20 +3,19 @@
 Figures are built with matplotlib's object API (``matplotlib.figure.Figure`` drawn by the Agg
 canvas), never through ``pyplot``: nothing here selects a global backend, and no figure is
 registered with pyplot's figure manager, so none is left open and the functions are safe in a
-headless training job or a notebook with another backend. Each function writes its PNG through
-a temporary file in the target folder and a rename, so a reader never sees half an image, and
-returns the path. An existing file is replaced only with ``overwrite=True``.
+headless training job or a notebook with another backend. Each ``*_figure`` function returns the
+figure it built (for a notebook, or to inspect); each ``plot_*`` function writes it as a PNG through
+``polymodal.fileio.atomic_file``, so a reader never sees half an image, and returns the path. An
+existing file is replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import textwrap
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from polymodal.encoders import ToRGB
+from polymodal.fileio import atomic_file
 
 CORRECT_COLOR = (0, 200, 0)
 INCORRECT_COLOR = (220, 0, 0)
@@ -38,7 +38,8 @@ _NOT_METRICS = {"epoch", "step", "global_step", "time", "timestamp", "wall_time"
 _GROUP_ORDER = ("loss", "accuracy", "recall", "rank", "learning rate", "logit scale")
 
 
-def _target(out_png: str | os.PathLike, overwrite: bool) -> Path:
+def check_png_target(out_png: str | os.PathLike, overwrite: bool) -> Path:
+    """``out_png`` as a path, refused unless it ends in .png and (without ``overwrite``) does not exist yet."""
     path = Path(out_png)
     if path.suffix.lower() != ".png":
         raise ValueError(f"out_png must end in .png, got {str(path)!r}")
@@ -47,24 +48,12 @@ def _target(out_png: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def _save(fig: Figure, path: Path, overwrite: bool, dpi: int) -> Path:
-    """Render ``fig`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_figure(fig: Figure, out_png: str | os.PathLike, overwrite: bool = False, dpi: int = 100) -> Path:
+    """Render ``fig`` as a PNG at ``out_png`` atomically (``polymodal.fileio.atomic_file``); returns the path."""
+    path = check_png_target(out_png, overwrite)
     FigureCanvasAgg(fig)  # attach the Agg renderer to this figure only
-    # Not mkstemp: its files are private (0600); "xb" creates with the usual umask-based permissions.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.png")
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # A hard link refuses to replace a file created since _target checked, unlike a rename.
-            os.link(tmp, path)
-            os.unlink(tmp)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_file(path, overwrite=overwrite) as tmp, open(tmp, "xb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
     return path
 
 
@@ -77,7 +66,7 @@ def _as_array(x: Any, name: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def _short(text: Any, width: int, lines: int = 1) -> str:
+def short_text(text: Any, width: int, lines: int = 1) -> str:
     """``text`` wrapped to at most ``lines`` lines of ``width`` characters, cut with "..." if longer."""
     return "\n".join(textwrap.wrap(str(text), width=width, max_lines=lines, placeholder="...")) or " "
 
@@ -136,31 +125,19 @@ def metric_group(key: str) -> str:
     return key
 
 
-def plot_curves(
+def curves_figure(
     metrics: Sequence[Mapping[str, Any]] | str | os.PathLike,
-    out_png: str | os.PathLike,
     keys: Sequence[str] | None = None,
     x_key: str = "step",
     title: str | None = None,
-    overwrite: bool = False,
-    dpi: int = 100,
-) -> Path:
-    """Line plots of logged metrics, one subplot per group (loss, learning rate, accuracy, recall, ...).
+) -> Figure:
+    """The figure ``plot_curves`` writes: one subplot per group of metrics (loss, accuracy, recall, ...).
 
-    Records may hold different keys (validation metrics only every few steps); each metric is
-    drawn through the records that have a finite number for it.
-
-    Args:
-        metrics: a list of dicts, or the path of a ``metrics.jsonl`` with one JSON object per line
-            (lines that do not parse, such as a half-written last line, are skipped with a warning).
-        out_png: where to write the PNG.
-        keys: metrics to plot; default every numeric key except ``x_key`` and counters like ``epoch``.
-        x_key: the x value of each record; records without it use their position.
-        title: figure title.
-        overwrite: replace an existing file.
-        dpi: resolution.
+    A metric logged at two or more steps is a line through its values, with markers up to 30 of
+    them. A metric logged once (an evaluation at the end of a run) is no curve: a group whose metrics
+    were all logged once is a bar per metric, labelled with its value and the step; in a group that
+    also has curves, such a metric is one marker labelled the same way.
     """
-    path = _target(out_png, overwrite)
     records = _load_metrics(metrics)
     if not records:
         raise ValueError("plot_curves got no metric records")
@@ -185,19 +162,36 @@ def plot_curves(
     fig = Figure(figsize=(5.5 * ncols, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     has_x = any(_is_number(r.get(x_key)) for r in records)
+    x_name = x_key if has_x else "record"
     for ax, (group, group_keys) in zip(axes, groups.items()):
+        series = {}
         for k in group_keys:
             pts = [
                 (r[x_key] if _is_number(r.get(x_key)) else i, r[k])
                 for i, r in enumerate(records)
                 if _is_number(r.get(k)) and math.isfinite(r[k])
             ]
-            if not pts:
-                continue
+            if pts:
+                series[k] = pts
+        if series and all(len(pts) == 1 for pts in series.values()):
+            _value_panel(ax, series, x_name)
+            ax.set_title(f"{group} (one evaluation)")
+            continue
+        for k, pts in series.items():
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=k, marker="o" if len(pts) <= 30 else None, markersize=3)
+            if len(pts) == 1:
+                ax.plot(xs, ys, label=k, marker="D", linestyle="none")
+                ax.annotate(
+                    _value_label(ys[0], x_name, xs[0]),
+                    (xs[0], ys[0]),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+            else:
+                ax.plot(xs, ys, label=k, marker="o" if len(pts) <= 30 else None, markersize=3)
         ax.set_title(group)
-        ax.set_xlabel(x_key if has_x else "record")
+        ax.set_xlabel(x_name)
         ax.grid(alpha=0.3)
         if len(group_keys) > 1:
             ax.legend(fontsize=8)
@@ -205,13 +199,63 @@ def plot_curves(
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
-    return _save(fig, path, overwrite, dpi)
+    return fig
+
+
+def _value_label(value: float, x_name: str, x: float) -> str:
+    return f"{value:.4g} at {x_name} {x:g}"
+
+
+def _value_panel(ax: Any, series: Mapping[str, list[tuple[float, float]]], x_name: str) -> None:
+    """One horizontal bar per once-logged metric, each labelled with its value and step."""
+    names = list(series)
+    values = [series[k][0][1] for k in names]
+    rows = list(range(len(names)))
+    ax.barh(rows, values, color="tab:blue", alpha=0.7)
+    ax.set_yticks(rows, [short_text(k, 28) for k in names], fontsize=8)
+    ax.invert_yaxis()  # the first metric on top, as in a table
+    for row, k in zip(rows, names):
+        x, value = series[k][0]
+        ax.text(value, row, f" {_value_label(value, x_name, x)}", va="center", ha="left", fontsize=8)
+    top = max(values + [0.0])
+    ax.set_xlim(min(values + [0.0]), top * 1.6 if top > 0 else 1.0)  # room for the labels
+    ax.grid(alpha=0.3, axis="x")
+
+
+def plot_curves(
+    metrics: Sequence[Mapping[str, Any]] | str | os.PathLike,
+    out_png: str | os.PathLike,
+    keys: Sequence[str] | None = None,
+    x_key: str = "step",
+    title: str | None = None,
+    overwrite: bool = False,
+    dpi: int = 100,
+) -> Path:
+    """Write ``curves_figure`` of logged metrics as a PNG.
+
+    Records may hold different keys (validation metrics only every few steps); each metric is
+    drawn through the records that have a finite number for it.
+
+    Args:
+        metrics: a list of dicts, or the path of a ``metrics.jsonl`` with one JSON object per line
+            (lines that do not parse, such as a half-written last line, are skipped with a warning).
+        out_png: where to write the PNG.
+        keys: metrics to plot; default every numeric key except ``x_key`` and counters like ``epoch``.
+        x_key: the x value of each record; records without it use their position.
+        title: figure title.
+        overwrite: replace an existing file.
+        dpi: resolution.
+    """
+    path = check_png_target(out_png, overwrite)
+    return save_figure(curves_figure(metrics, keys, x_key, title), path, overwrite, dpi)
 
 
 # ------------------------------------------------------------------------------------ retrieval grid
 
 
-def _to_rgb_array(image: Any, mean: Sequence[float] | None, std: Sequence[float] | None, where: str) -> np.ndarray:
+def to_rgb_array(
+    image: Any, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, where: str = "image"
+) -> np.ndarray:
     """An image as ``uint8 (H, W, 3)``: PIL images of any mode, CHW tensors (normalised or not), HWC arrays."""
     if isinstance(image, Image.Image):
         return np.asarray(ToRGB()(image))
@@ -236,7 +280,8 @@ def _to_rgb_array(image: Any, mean: Sequence[float] | None, std: Sequence[float]
     return x.permute(1, 2, 0).numpy()  # (H, W, 3)
 
 
-def _framed(arr: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+def framed(arr: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """``arr`` ``(H, W, 3)`` inside a border of ``color`` about 5% of its size wide (at least 2 pixels)."""
     border = max(2, round(0.05 * max(arr.shape[:2])))
     out = np.empty((arr.shape[0] + 2 * border, arr.shape[1] + 2 * border, 3), dtype=np.uint8)
     out[:] = color
@@ -244,35 +289,16 @@ def _framed(arr: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def plot_retrieval_grid(
+def retrieval_grid_figure(
     queries: Sequence[str],
     images: Sequence[Any],
     topk_indices: torch.Tensor | Sequence[Sequence[int]],
-    out_png: str | os.PathLike,
     gallery_captions: Sequence[str] | None = None,
     correct: torch.Tensor | Sequence[Sequence[bool]] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    overwrite: bool = False,
-    dpi: int = 100,
-) -> Path:
-    """One row per query: its text, then its top-k gallery images, framed green (correct) or red.
-
-    Args:
-        queries: the Q query texts.
-        images: the gallery: PIL images or ``(3, H, W)`` tensors (float in [0, 1] or uint8,
-            or normalised with ``mean``/``std``).
-        topk_indices: ``(Q, k)`` gallery indices, best first.
-        out_png: where to write the PNG.
-        gallery_captions: a caption per gallery item, shown above its image.
-        correct: ``(Q, k)`` whether each retrieved item is relevant; frames are
-            ``CORRECT_COLOR`` / ``INCORRECT_COLOR``; ``None`` for no frames.
-        mean: per-channel mean the tensors were normalised with.
-        std: per-channel std the tensors were normalised with.
-        overwrite: replace an existing file.
-        dpi: resolution.
-    """
-    path = _target(out_png, overwrite)
+) -> Figure:
+    """The figure ``plot_retrieval_grid`` writes (see there); row q, column j + 1 shows ``topk_indices[q, j]``."""
     idx = torch.as_tensor(topk_indices)
     if idx.ndim != 2 or idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.shape[0] != len(queries):
         raise ValueError(
@@ -298,12 +324,14 @@ def plot_retrieval_grid(
     for q in range(num_q):
         ax = fig.add_subplot(grid[q, 0])
         ax.axis("off")
-        ax.text(0.0, 0.5, _short(queries[q], 28, lines=5), va="center", ha="left", fontsize=9, transform=ax.transAxes)
+        ax.text(
+            0.0, 0.5, short_text(queries[q], 28, lines=5), va="center", ha="left", fontsize=9, transform=ax.transAxes
+        )
         for j in range(k):
             g = int(idx[q, j])
-            arr = _to_rgb_array(images[g], mean, std, f"images[{g}]")
+            arr = to_rgb_array(images[g], mean, std, f"images[{g}]")
             if correct is not None:
-                arr = _framed(arr, CORRECT_COLOR if correct[q, j] else INCORRECT_COLOR)
+                arr = framed(arr, CORRECT_COLOR if correct[q, j] else INCORRECT_COLOR)
             ax = fig.add_subplot(grid[q, j + 1])
             ax.imshow(arr, interpolation="nearest")
             ax.set_xticks([])
@@ -311,8 +339,44 @@ def plot_retrieval_grid(
             for spine in ax.spines.values():
                 spine.set_visible(False)
             if gallery_captions is not None:
-                ax.set_title(_short(gallery_captions[g], 22, lines=2), fontsize=7)
-    return _save(fig, path, overwrite, dpi)
+                ax.set_title(short_text(gallery_captions[g], 22, lines=2), fontsize=7)
+    return fig
+
+
+def plot_retrieval_grid(
+    queries: Sequence[str],
+    images: Sequence[Any],
+    topk_indices: torch.Tensor | Sequence[Sequence[int]],
+    out_png: str | os.PathLike,
+    gallery_captions: Sequence[str] | None = None,
+    correct: torch.Tensor | Sequence[Sequence[bool]] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    overwrite: bool = False,
+    dpi: int = 100,
+) -> Path:
+    """One row per query: its text, then its top-k gallery images, framed green (correct) or red.
+
+    Which retrieved items are right is the caller's ``correct``; ``polymodal.tasks.evaluation``
+    derives it from the same relevance the retrieval metrics use (``plot_retrieval_examples``).
+
+    Args:
+        queries: the Q query texts.
+        images: the gallery: PIL images or ``(3, H, W)`` tensors (float in [0, 1] or uint8,
+            or normalised with ``mean``/``std``).
+        topk_indices: ``(Q, k)`` gallery indices, best first.
+        out_png: where to write the PNG.
+        gallery_captions: a caption per gallery item, shown above its image.
+        correct: ``(Q, k)`` whether each retrieved item is relevant; frames are
+            ``CORRECT_COLOR`` / ``INCORRECT_COLOR``; ``None`` for no frames.
+        mean: per-channel mean the tensors were normalised with.
+        std: per-channel std the tensors were normalised with.
+        overwrite: replace an existing file.
+        dpi: resolution.
+    """
+    path = check_png_target(out_png, overwrite)
+    fig = retrieval_grid_figure(queries, images, topk_indices, gallery_captions, correct, mean, std)
+    return save_figure(fig, path, overwrite, dpi)
 
 
 # ------------------------------------------------------------------------------------------ matrices
@@ -325,7 +389,7 @@ def _tick_labels(ax: Any, labels: Sequence[str] | None, count: int, axis: str) -
         raise ValueError(f"{len(labels)} {axis} labels for {count} {axis}s")
     fontsize = 8 if count <= 30 else 5
     ticks = list(range(count))
-    short = [_short(lab, 24) for lab in labels]
+    short = [short_text(lab, 24) for lab in labels]
     if axis == "row":
         ax.set_yticks(ticks, short, fontsize=fontsize)
     else:
@@ -356,7 +420,7 @@ def plot_similarity_matrix(
         overwrite: replace an existing file.
         dpi: resolution.
     """
-    path = _target(out_png, overwrite)
+    path = check_png_target(out_png, overwrite)
     arr = _as_array(sim, "sim", 2)
     fig = Figure(figsize=_matrix_size(*arr.shape), layout="constrained")
     ax = fig.add_subplot()
@@ -366,7 +430,7 @@ def plot_similarity_matrix(
     _tick_labels(ax, col_labels, arr.shape[1], "column")
     if title:
         ax.set_title(title)
-    return _save(fig, path, overwrite, dpi)
+    return save_figure(fig, path, overwrite, dpi)
 
 
 def plot_confusion(
@@ -390,7 +454,7 @@ def plot_confusion(
         overwrite: replace an existing file.
         dpi: resolution.
     """
-    path = _target(out_png, overwrite)
+    path = check_png_target(out_png, overwrite)
     counts = _as_array(confusion, "confusion", 2)
     if counts.shape[0] != counts.shape[1]:
         raise ValueError(f"confusion must be square (C, C), got shape {counts.shape}")
@@ -421,4 +485,4 @@ def plot_confusion(
                 ax.text(c, r, text, ha="center", va="center", fontsize=7, color=color)
     if title:
         ax.set_title(title)
-    return _save(fig, path, overwrite, dpi)
+    return save_figure(fig, path, overwrite, dpi)

@@ -12,51 +12,27 @@ the retrieval metrics, so constant or collapsed embeddings never look accurate.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
+from .embedding import embed_dataset, encoder_for, eval_mode, model_device
 from .templates import Template, check_templates, fill_template
 
 DEFAULT_LOGIT_SCALE = 100.0
 
 LabelFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
 
-@contextlib.contextmanager
-def eval_mode(model: Any) -> Iterator[Any]:
-    """Put ``model`` in eval mode for a block, then restore every submodule's own training flag.
-
-    Restoring per submodule (not ``model.train(was_training)``) keeps e.g. a frozen tower that the
-    caller had left in eval mode inside a training model in eval mode.
-    """
-    if not isinstance(model, nn.Module):
-        yield model
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _model_device(model: Any) -> torch.device:
-    if isinstance(model, nn.Module):
-        for t in (*model.parameters(), *model.buffers()):
-            return t.device
-    return torch.device("cpu")
-
-
-def _check_class_names(class_names: Sequence[str]) -> list[str]:
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """``class_names`` as a list, checked: non-empty, distinct, non-blank strings."""
     if isinstance(class_names, str) or not isinstance(class_names, Sequence):
         raise ValueError(f"class_names must be a list of strings, got {type(class_names).__name__}: {class_names!r}")
     if len(class_names) == 0:
@@ -70,18 +46,12 @@ def _check_class_names(class_names: Sequence[str]) -> list[str]:
     return list(class_names)
 
 
-def _check_top_k(top_k: Iterable[int]) -> tuple[int, ...]:
+def check_top_k(top_k: Iterable[int]) -> tuple[int, ...]:
+    """The distinct positive k values of ``top_k`` (one int or several), sorted."""
     ks = tuple(top_k) if not isinstance(top_k, int) else (top_k,)
     if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
         raise ValueError(f"top_k must be positive integers such as (1, 5), got {top_k!r}")
     return tuple(sorted(set(ks)))
-
-
-def _encoder(model: Any, modality: str) -> Callable[..., torch.Tensor]:
-    fn = getattr(model, f"encode_{modality}", None)
-    if not callable(fn):
-        raise ValueError(f"{type(model).__name__} has no encode_{modality}(); cannot classify {modality!r} inputs")
-    return fn
 
 
 def build_zero_shot_classifier(
@@ -111,12 +81,12 @@ def build_zero_shot_classifier(
     Returns:
         ``(C, D)`` float32 classifier weights, each row L2-normalised, in ``class_names`` order.
     """
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     templates = check_templates(templates)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encode_text = _encoder(model, "text")
-    device = torch.device(device) if device is not None else _model_device(model)
+    encode_text = encoder_for(model, "text")
+    device = torch.device(device) if device is not None else model_device(model)
     texts = [fill_template(t, c) for c in names for t in templates]  # class-major: C * T sentences
     owner = torch.arange(len(names)).repeat_interleave(len(templates))  # class index of each sentence
     sums = None
@@ -228,12 +198,12 @@ class ZeroShotClassifier:
         return self
 
     def _setup(self, model, weights, class_names, modality, multi_label, thresholds, logit_scale, logit_bias) -> None:
-        self.class_names = _check_class_names(class_names)
+        self.class_names = check_class_names(class_names)
         num_classes = len(self.class_names)
         if not isinstance(weights, torch.Tensor) or weights.ndim != 2 or weights.shape[0] != num_classes:
             shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
             raise ValueError(f"weights must be a ({num_classes}, D) tensor for {num_classes} classes, got {shape}")
-        self._encode = _encoder(model, modality)
+        self._encode = encoder_for(model, modality)
         self.model = model
         self.modality = modality
         self.multi_label = multi_label
@@ -325,13 +295,15 @@ class ZeroShotClassifier:
         return bias
 
 
-def _ranks_of_labels(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def ranks_of_labels(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """1-based rank of each row's true class, ties counted against it: ``(B,)``."""
     true = scores.gather(1, labels[:, None])  # (B, 1)
     return (scores >= true).sum(dim=1)
 
 
-def _check_labels(labels: torch.Tensor, num_rows: int, num_classes: int, where: str) -> torch.Tensor:
+def check_labels(labels: torch.Tensor, num_rows: int, num_classes: int, where: str) -> torch.Tensor:
+    """``labels`` as a ``LongTensor (num_rows,)`` of class indices in ``[0, num_classes)``, else an error
+    naming ``where``."""
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or labels.shape[0] != num_rows or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(
@@ -364,7 +336,7 @@ def zero_shot_accuracy(
     Returns:
         ``{"top1": fraction, "top5": fraction, ...}`` for each k.
     """
-    ks = _check_top_k(top_k)
+    ks = check_top_k(top_k)
     if embeddings.ndim != 2 or classifier_weights.ndim != 2 or embeddings.shape[1] != classifier_weights.shape[1]:
         raise ValueError(
             f"embeddings (N, D) and classifier_weights (C, D) must share D, got "
@@ -374,14 +346,14 @@ def zero_shot_accuracy(
         raise ValueError("zero_shot_accuracy got no embeddings (N = 0)")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    labels = _check_labels(labels, embeddings.shape[0], classifier_weights.shape[0], "zero_shot_accuracy")
+    labels = check_labels(labels, embeddings.shape[0], classifier_weights.shape[0], "zero_shot_accuracy")
     if not torch.isfinite(embeddings).all() or not torch.isfinite(classifier_weights).all():
         raise ValueError("zero_shot_accuracy got NaN or infinite values in embeddings or classifier_weights")
     weights = classifier_weights.float()
     hits = dict.fromkeys(ks, 0)
     for start in range(0, embeddings.shape[0], chunk_size):
         scores = embeddings[start : start + chunk_size].to(weights.device).float() @ weights.T  # (n, C)
-        ranks = _ranks_of_labels(scores, labels[start : start + chunk_size].to(weights.device))
+        ranks = ranks_of_labels(scores, labels[start : start + chunk_size].to(weights.device))
         for k in ks:
             hits[k] += int((ranks <= k).sum())
     return {f"top{k}": hits[k] / embeddings.shape[0] for k in ks}
@@ -425,20 +397,21 @@ class ClassificationResult:
 ZeroShotResult = ClassificationResult  # the name evaluate_zero_shot has always documented
 
 
-def _top1_predictions(scores: torch.Tensor, labels: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+def top1_predictions(scores: torch.Tensor, labels: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """The top-1 prediction consistent with the pessimistic ranks: a tied true class is not chosen."""
     masked = scores.scatter(1, labels[:, None], float("-inf"))
     return torch.where(ranks == 1, labels, masked.argmax(dim=1))
 
 
-def _confusion_counts(labels: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+def confusion_counts(labels: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Flat ``(C * C,)`` counts of (true class, predicted class) pairs."""
     return torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2)
 
 
-def _result(
+def classification_result(
     hits: Mapping[int, int], confusion: torch.Tensor, num_samples: int, names: list[str]
 ) -> ClassificationResult:
+    """A ``ClassificationResult`` from top-k hit counts and flat ``(C * C,)`` confusion counts."""
     num_classes = len(names)
     confusion = confusion.view(num_classes, num_classes)
     support = confusion.sum(dim=1)
@@ -452,7 +425,8 @@ def _result(
     )
 
 
-def _field(batch: Any, name: str) -> Any:
+def batch_field(batch: Any, name: str) -> Any:
+    """``batch[name]`` of a dict batch or ``batch.name`` of an object batch (the trainer's ``Batch``)."""
     if isinstance(batch, Mapping):
         if name not in batch:
             raise ValueError(f"batch has no {name!r} entry; it has keys {sorted(batch)}")
@@ -473,59 +447,75 @@ def default_label_fn(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-class MetaLabelFn:
-    """A ``label_fn`` for batches that carry ``inputs`` (per modality) and a per-sample ``meta`` list.
+class BatchLabels:
+    """A ``label_fn`` for batches with ``inputs`` and per-sample ``meta``: ``batch -> (inputs, labels)``.
 
-    Works with the trainer's ``Batch`` (attributes) and with plain dicts: the inputs are
-    ``batch.inputs[modality]`` and sample i's label is ``class_names.index(batch.meta[i][key])``.
+    The one reader of class labels from ``meta``: zero-shot evaluation (``meta_label_fn``), trained
+    classifiers and linear probes all use it. Works with ``polymodal.datasets.Batch`` and with plain
+    dicts. Sample i's label is ``class_names.index(meta[i][key])``; the inputs are
+    ``inputs[modalities]`` (a tensor) when ``modalities`` is one name, or ``{m: inputs[m]}`` when it
+    is a list (for ``model(**inputs)``).
 
     Args:
         class_names: the classifier's classes, in its order.
-        modality: which input to classify.
-        key: the meta entry holding the class name.
-        skip_unknown: drop samples whose ``meta[key]`` is missing or not a class (e.g. ``None``
-            for an image with several shapes) instead of raising; ``num_skipped`` counts them.
+        key: the meta entry holding the class name (e.g. ``"shape"``).
+        modalities: which inputs to pass on.
+        skip_unknown: drop samples whose ``meta[key]`` is missing or not a class instead of raising;
+            ``num_skipped`` counts them.
     """
 
     def __init__(
-        self, class_names: Sequence[str], modality: str = "image", key: str = "shape", skip_unknown: bool = False
+        self, class_names: Sequence[str], key: str, modalities: str | Sequence[str], skip_unknown: bool = False
     ) -> None:
-        self.index = {c: i for i, c in enumerate(_check_class_names(class_names))}
-        self.modality = modality
+        self.class_names = check_class_names(class_names)
+        self.index = {c: i for i, c in enumerate(self.class_names)}
         self.key = key
+        self.single = isinstance(modalities, str)
+        self.modalities = [modalities] if isinstance(modalities, str) else list(modalities)
+        if not self.modalities:
+            raise ValueError("modalities is empty; name the input(s) the classifier takes")
         self.skip_unknown = skip_unknown
         self.num_skipped = 0
 
-    def __call__(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, meta = _field(batch, "inputs"), _field(batch, "meta")
-        if self.modality not in inputs:
-            raise ValueError(f"batch inputs have no {self.modality!r}; they have {sorted(inputs)}")
-        x = inputs[self.modality]
-        if len(meta) != x.shape[0]:
-            raise ValueError(f"batch has {len(meta)} meta entries for {x.shape[0]} {self.modality!r} inputs")
+    def labels(self, meta: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
+        """Rows to keep and their class indices."""
         keep, labels = [], []
         for i, m in enumerate(meta):
             value = m.get(self.key) if isinstance(m, Mapping) else None
-            if value in self.index:
+            if isinstance(value, str) and value in self.index:
                 keep.append(i)
                 labels.append(self.index[value])
             elif self.skip_unknown:
                 self.num_skipped += 1
             else:
                 raise ValueError(
-                    f"meta[{i}][{self.key!r}] = {value!r} is not a class; expected one of {list(self.index)[:20]}"
-                    " (pass skip_unknown=True to drop such samples)"
+                    f"meta[{i}][{self.key!r}] = {value!r} is not a class; expected one of "
+                    f"{self.class_names[:20]} (pass skip_unknown=True to drop such samples)"
                 )
-        if len(keep) < x.shape[0]:
-            x = x[torch.tensor(keep, dtype=torch.long, device=x.device)]
+        return keep, labels
+
+    def __call__(self, batch: Any) -> tuple[Inputs, torch.Tensor]:
+        inputs, meta = batch_field(batch, "inputs"), batch_field(batch, "meta")
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise ValueError(f"batch inputs have no {missing}; they have {sorted(inputs)}")
+        size = inputs[self.modalities[0]].shape[0]
+        if len(meta) != size:
+            raise ValueError(f"batch has {len(meta)} meta entries for {size} inputs")
+        keep, labels = self.labels(meta)
+        chosen = {m: inputs[m] for m in self.modalities}
+        if len(keep) < size:
+            rows = torch.tensor(keep, dtype=torch.long)
+            chosen = {m: x[rows.to(x.device)] for m, x in chosen.items()}
+        x = chosen[self.modalities[0]] if self.single else chosen
         return x, torch.tensor(labels, dtype=torch.long)
 
 
 def meta_label_fn(
     class_names: Sequence[str], modality: str = "image", key: str = "shape", skip_unknown: bool = False
-) -> MetaLabelFn:
-    """A ``MetaLabelFn``: labels from each sample's ``meta[key]``, inputs from ``inputs[modality]``."""
-    return MetaLabelFn(class_names, modality=modality, key=key, skip_unknown=skip_unknown)
+) -> BatchLabels:
+    """A ``BatchLabels``: labels from each sample's ``meta[key]``, inputs from ``inputs[modality]``."""
+    return BatchLabels(class_names, key, modality, skip_unknown=skip_unknown)
 
 
 def evaluate_zero_shot(
@@ -560,33 +550,33 @@ def evaluate_zero_shot(
     num_classes = weights.shape[0]
     if class_names is None:
         class_names = classifier.class_names if isinstance(classifier, ZeroShotClassifier) else None
-    names = [str(i) for i in range(num_classes)] if class_names is None else _check_class_names(class_names)
+    names = [str(i) for i in range(num_classes)] if class_names is None else check_class_names(class_names)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a classifier with {num_classes} classes")
-    ks = _check_top_k((1, *_check_top_k(top_k)))
+    ks = check_top_k((1, *check_top_k(top_k)))
     label_fn = label_fn or default_label_fn
-    encode = _encoder(model, modality)
-    device = torch.device(device) if device is not None else _model_device(model)
-    weights = weights.to(device).float()
+    encoder_for(model, modality)  # an error before any data is read
+    weights = weights.detach().float()
 
-    hits = dict.fromkeys(ks, 0)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
-    num_samples = 0
-    with torch.no_grad(), eval_mode(model):
-        for step, batch in enumerate(tqdm(dataloader, disable=not progress, desc="zero-shot eval", unit="batch")):
-            x, labels = label_fn(batch)
-            if len(labels) == 0:  # every sample of the batch was dropped by label_fn
-                continue
-            emb = encode(x.to(device), normalize=True)
-            labels = _check_labels(labels, emb.shape[0], num_classes, f"batch {step}").to(device)
-            scores = emb.float() @ weights.T  # (B, C)
-            if not torch.isfinite(scores).all():
-                raise ValueError(f"batch {step}: the model produced NaN or infinite embeddings")
-            ranks = _ranks_of_labels(scores, labels)
-            for k in ks:
-                hits[k] += int((ranks <= k).sum())
-            confusion += _confusion_counts(labels, _top1_predictions(scores, labels, ranks), num_classes)
-            num_samples += emb.shape[0]
-    if num_samples == 0:
+    steps = itertools.count()
+
+    def labelled(batch: Any) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, labels = label_fn(batch)
+        step = next(steps)
+        if len(labels):  # label_fn may drop every sample of a batch
+            labels = check_labels(labels, x.shape[0], num_classes, f"batch {step}")
+        return x, labels, None
+
+    data = embed_dataset(
+        model, dataloader, modality, batch_fn=labelled, device=device, progress=progress, desc="zero-shot eval"
+    )
+    if len(data) == 0:
         raise ValueError("evaluate_zero_shot got no samples from the dataloader")
-    return _result(hits, confusion, num_samples, names)
+    scores = data.features @ weights.cpu().T  # (N, C)
+    if not torch.isfinite(scores).all():
+        raise ValueError("the model produced NaN or infinite embeddings")
+    labels = data.labels
+    ranks = ranks_of_labels(scores, labels)
+    hits = {k: int((ranks <= k).sum()) for k in ks}
+    confusion = confusion_counts(labels, top1_predictions(scores, labels, ranks), num_classes)
+    return classification_result(hits, confusion, len(data), names)

@@ -12,10 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from polymodal import fileio
+from polymodal.checkpoint import CheckpointError
 from polymodal.datasets.folder import IMAGE_EXTENSIONS
+from polymodal.errors import ConfigError, InputError
 
 
-class CommandError(ValueError):
+class CommandError(InputError):
     """A user error on the command line; ``polymodal.cli.main`` prints it and exits with status 2."""
 
 
@@ -30,34 +33,39 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def load_model(spec: str, device: torch.device, pretrained: str | None = None) -> nn.Module:
-    """A model from a saved directory (polymodal, Hugging Face CLIP or open_clip), or a registered
-    name with ``pretrained`` weights; in eval mode on ``device``.
+    """The model ``--model`` names (``polymodal.resolver``: a saved model, training run, Hugging Face
+    CLIP or open_clip directory, or a registered name with ``pretrained`` weights), in eval mode on ``device``.
 
     A bare registered name without weights is refused: its random weights would give meaningless
     predictions that look like real ones.
     """
-    from polymodal.factory import create_model, from_pretrained
-    from polymodal.registry import list_models
+    from polymodal.resolver import parse_reference, resolve_model
 
-    path = Path(spec)
-    if path.is_dir():
-        if pretrained is not None:
-            raise CommandError(f"--model {spec} is a saved model directory; it already has weights, drop --pretrained")
-        model = from_pretrained(path, device=device)
-    elif spec in list_models():
-        if pretrained is None:
+    missing = CommandError(
+        f"--model {spec}: no such model directory, and not a registered model name (see 'polymodal list-models')"
+    )
+    try:
+        reference = parse_reference(spec)
+    except FileNotFoundError:
+        raise missing from None
+    except CheckpointError:
+        if Path(spec).is_file():
             raise CommandError(
-                f"--model {spec} is a registered architecture with random weights; give its weights with "
-                f"--pretrained FILE, or pass a directory written by save_pretrained or 'polymodal train'"
-            )
-        model = create_model(spec, pretrained=pretrained, device=device)
-    elif path.exists():
-        raise CommandError(f"--model {spec} is a file; pass a model directory, or a registered name with --pretrained")
-    else:
+                f"--model {spec} is a file; pass a model directory, or a registered name with --pretrained"
+            ) from None
+        raise
+    except ConfigError:
+        raise
+    except InputError:  # neither a registered name nor an existing path
+        raise missing from None
+    if reference.has_weights and pretrained is not None:
+        raise CommandError(f"--model {spec} is a saved model directory; it already has weights, drop --pretrained")
+    if not reference.has_weights and pretrained is None:
         raise CommandError(
-            f"--model {spec}: no such model directory, and not a registered model name (see 'polymodal list-models')"
+            f"--model {spec} is a registered architecture with random weights; give its weights with "
+            f"--pretrained FILE, or pass a directory written by save_pretrained or 'polymodal train'"
         )
-    return model.eval()
+    return resolve_model(reference, pretrained=pretrained, device=device).eval()
 
 
 def collect_files(
@@ -130,15 +138,8 @@ def print_json(data: Any) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename; refuse to replace a file unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CommandError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write ``text`` to ``path`` atomically; refuse to replace a file unless ``--overwrite`` was given."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return fileio.atomic_write_text(path, text, overwrite=overwrite)
+    except FileExistsError:
+        raise CommandError(f"{path} exists; pass --overwrite to replace it") from None

@@ -18,8 +18,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ._common import CommandError
 
 
@@ -45,17 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_finetune_config(path: str, overrides: list[str]):
     """The ``TrainConfig`` of a finetune recipe: ``task`` defaults to ``classify`` and must be it."""
-    from polymodal.train.config import TrainConfig, apply_overrides
+    from polymodal.train.config import TrainConfig, apply_overrides, read_yaml_mapping
 
-    file = Path(path)
-    if not file.is_file():
+    if not Path(path).is_file():
         raise CommandError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise CommandError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise CommandError(f"{path} must hold a YAML mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path)
     data = apply_overrides(data, overrides)
     data.setdefault("task", "classify")
     if data["task"] != "classify":

@@ -3,7 +3,7 @@
 An index built from a CSV of ``image,caption`` rows (what ``polymodal data synth shapes --format csv``
 writes) keeps each row as metadata, so ``index build --eval`` and ``search --evaluate CSV`` can
 measure text-to-image retrieval, counting every image that fits a caption as a right answer
-(``polymodal.train.evaluate.caption_matches``).
+(``polymodal.tasks.caption_matches``, the relevance the trainer and ``polymodal evaluate`` use too).
 """
 
 from __future__ import annotations
@@ -82,12 +82,23 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def read_captioned_rows(path: str | Path, image_key: str, caption_key: str) -> list[dict[str, Any]]:
-    """Rows of an image index file, each with ``path`` (the image, resolved) and ``caption``; every image must exist."""
+def read_index_rows(path: Path, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of an index file; a malformed row (missing or extra cells, bad JSON) is an error naming it,
+    as an index or an evaluation silently without some of the user's rows would mislead."""
     from polymodal.datasets import read_index
 
+    rows = read_index(path, required_columns=columns)
+    bad = [r for r in rows if not isinstance(r, dict)]
+    if bad:
+        raise CommandError(f"index file {path} has {len(bad)} unreadable row(s), e.g. {bad[0].detail}")
+    return rows
+
+
+def read_captioned_rows(path: str | Path, image_key: str, caption_key: str) -> list[dict[str, Any]]:
+    """Rows of an image index file, each with ``path`` (the image, resolved) and ``caption``; every image must exist."""
+
     path = Path(path)
-    rows = read_index(path, required_columns=(image_key, caption_key))
+    rows = read_index_rows(path, (image_key, caption_key))
     if not rows:
         raise CommandError(f"index file {path} has no rows")
     out, missing = [], []
@@ -126,13 +137,12 @@ def _image_items(inputs: list[str], image_key: str, caption_key: str) -> tuple[l
 
 
 def _text_items(path_str: str, caption_key: str) -> tuple[list[str], list[dict]]:
-    from polymodal.datasets import read_index
 
     path = Path(path_str)
     if not path.is_file():
         raise CommandError(f"--texts {path_str} does not exist")
     if path.suffix.lower() in INDEX_SUFFIXES:
-        rows = read_index(path, required_columns=(caption_key,))
+        rows = read_index_rows(path, (caption_key,))
         rows = [r for r in rows if isinstance(r.get(caption_key), str) and r[caption_key].strip()]
         texts = [r[caption_key].strip() for r in rows]
         metadata = [{k: _cell(v) for k, v in r.items() if k != caption_key} for r in rows]
@@ -173,18 +183,12 @@ def evaluate_captions(index, model, tokenizer, rows: list[int], metadata: list[d
         rows: positions in the index of the evaluated images (the gallery).
         metadata: per evaluated image, its metadata with ``caption`` (and ``mentions``, if known).
     """
-    from polymodal.tasks import retrieval_metrics
-    from polymodal.train.evaluate import caption_matches
+    from polymodal.tasks import caption_matches, embed_dataset, retrieval_metrics
 
     index.check_model(model)
     captions = [m["caption"] for m in metadata]
-    text_emb = []
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(captions), 256):
-            tokens = tokenizer(captions[start : start + 256]).to(device)
-            text_emb.append(model.encode_text(tokens, normalize=True).float().cpu())
-    text_emb = torch.cat(text_emb)
+    batches = [tokenizer(captions[start : start + 256]) for start in range(0, len(captions), 256)]
+    text_emb = embed_dataset(model, batches, "text", batch_fn=lambda tokens: (tokens, None, None)).features
     image_emb = index.embeddings[torch.tensor(rows, device=index.embeddings.device)].cpu()
     text_to_image, image_to_text = caption_matches(metadata)
     metrics = {}
@@ -198,7 +202,7 @@ def evaluate_captions(index, model, tokenizer, rows: list[int], metadata: list[d
 
 
 def _format_metrics(metrics: dict[str, float], count: int) -> list[str]:
-    from polymodal.train.evaluate import format_metrics
+    from polymodal.tasks import format_metrics
 
     lines = format_metrics({f"retrieval/{k}": v for k, v in metrics.items() if "_to_" in k})
     return [f"retrieval over {count} captioned images (any image that fits a caption counts):"] + [

@@ -1,4 +1,5 @@
-"""Contrastive training: ``polymodal.train.train(config)`` or ``polymodal train CONFIG.yaml``."""
+"""The trainer: ``polymodal.train.train(config)`` or ``polymodal train CONFIG.yaml`` (contrastive by default,
+or any trainer task). ``polymodal.train.classifier.train_classifier`` is a plain loop for any classifier."""
 
 from .config import DataSection, ModelSection, OptimSection, TrainConfig, load_config
 from .loop import NonFiniteLossError, Trainer, train

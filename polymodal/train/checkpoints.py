@@ -1,6 +1,7 @@
 """Training checkpoints: weights as safetensors plus a training-state file, written atomically.
 
-A checkpoint is a directory ``run_dir/checkpoints/step_XXXXXXXX`` holding ``config.json`` and
+A checkpoint is a directory ``run_dir/checkpoints/step_XXXXXXXX`` (its layout and the marker are defined
+in ``polymodal.checkpoint``, which the model resolver reads without the trainer) holding ``config.json`` and
 ``model.safetensors`` (loadable with ``polymodal.from_pretrained``), ``ema.safetensors`` when an EMA is
 kept, ``training_state.pt`` (optimizer, scheduler, scaler, RNG states, data position, counters) and,
 written last, a ``COMPLETE`` marker. The directory is assembled under a temporary name and renamed
@@ -18,11 +19,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from polymodal.checkpoint import atomic_directory, save_state_dict
+from polymodal.checkpoint import COMPLETE, checkpoint_dir, complete_checkpoints, save_state_dict
+from polymodal.fileio import atomic_directory, atomic_write_text
+
+__all__ = [
+    "COMPLETE",
+    "EMA_NAME",
+    "STATE_NAME",
+    "checkpoint_dir",
+    "complete_checkpoints",
+    "load_training_state",
+    "resolve_resume",
+    "rng_state",
+    "save_training_checkpoint",
+    "set_rng_state",
+]
 
 STATE_NAME = "training_state.pt"
 EMA_NAME = "ema.safetensors"
-COMPLETE = "COMPLETE"
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,10 +63,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}"
-
-
 def save_training_checkpoint(
     run_dir: Path,
     step: int,
@@ -68,19 +78,10 @@ def save_training_checkpoint(
         if ema_state is not None:
             save_state_dict(ema_state, tmp / EMA_NAME)
         torch.save(training_state, tmp / STATE_NAME)
-        (tmp / COMPLETE).write_text(f"{step}\n")
+        atomic_write_text(tmp / COMPLETE, f"{step}\n")
     for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return destination
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``run_dir``, oldest first (directories without the marker are ignored)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:

@@ -14,17 +14,16 @@ zero-shot on unseen combinations). Only the decay is chosen there; the head is f
 samples only. ``train`` holds out a share of the training samples (and refits on all of them).
 
 Outputs in ``run_dir``: ``model/`` (``polymodal.from_pretrained`` loads it), ``report.json``,
-``confusion.png`` and ``config.yaml``. They are assembled in a temporary folder and moved in only
-once all are complete; an existing run is replaced only with ``overwrite=true``.
+``confusion.png`` and ``config.yaml``. Each is written atomically and ``report.json`` last, so its
+presence says the others are complete. Like the trainer, the probe writes only into an empty folder
+or its own earlier run, and replaces an earlier run's outputs only with ``overwrite=true``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,28 +31,20 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from .data import build_datasets
-from .task_classify import ClassifyTask, _claims_datasets, classify_summary
+from polymodal.errors import ConfigError
+from polymodal.fileio import atomic_directory, atomic_write_text
 
-PROBE_OUTPUTS = ("model", "report.json", "confusion.png", "config.yaml")
+from .data import build_datasets
+from .rundir import check_run_dir, claim_run_dir
+from .task_classify import ClassifyTask, claims_datasets, classify_summary
 
 
 def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA device here; use device=cpu")
+        raise ConfigError("device cuda was asked for, but torch sees no CUDA device here; use device=cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    taken = [name for name in PROBE_OUTPUTS if (run_dir / name).exists()]
-    taken += [name for name in ("metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
-    if taken and not overwrite:
-        raise FileExistsError(
-            f"run_dir {str(run_dir)!r} already holds a run ({', '.join(taken)}); pass overwrite=true to replace it, "
-            "or choose another run_dir"
-        )
 
 
 def _validation_set(task: ClassifyTask, data, val_size: int):
@@ -66,7 +57,7 @@ def _validation_set(task: ClassifyTask, data, val_size: int):
     base = task.base
     tokenizer = getattr(data.eval, "tokenizer", None)
     if task.opts.dataset == "shape_claims":
-        _, held = _claims_datasets(longer, base.config, tokenizer, tf, tf)
+        _, held = claims_datasets(longer, base.config, tokenizer, tf, tf)
     else:
         held = build_datasets(data_cfg, base.config, tokenizer, tf, tf).eval
     return Subset(held, range(eval_size, eval_size + val_size))
@@ -75,26 +66,12 @@ def _validation_set(task: ClassifyTask, data, val_size: int):
 def _write_outputs(run_dir: Path, model, report: dict[str, Any], cfg, confusion, task: ClassifyTask) -> None:
     from polymodal.tasks import plot_confusion
 
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".probe-", dir=run_dir))
-    try:
-        model.save_pretrained(stage / "model")
-        (stage / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (stage / "config.yaml").write_text(cfg.to_yaml())
-        title = f"linear probe: {'+'.join(task.towers)} by {task.opts.label_key}"
-        plot_confusion(confusion, task.opts.classes, stage / "confusion.png", title=title)
-        for name in PROBE_OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(stage / name, target)
-    except BaseException:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with atomic_directory(run_dir / "model", overwrite=True) as tmp:
+        model.write_pretrained_files(tmp)
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml(), overwrite=True)
+    title = f"linear probe: {'+'.join(task.towers)} by {task.opts.label_key}"
+    plot_confusion(confusion, task.opts.classes, run_dir / "confusion.png", title=title, overwrite=True)
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
 
 
 def run_linear_probe(cfg, progress: bool | None = None) -> dict[str, Any]:
@@ -106,30 +83,31 @@ def run_linear_probe(cfg, progress: bool | None = None) -> dict[str, Any]:
     from polymodal.tasks import classification_metrics, extract_features, fit_linear_probe, split_validation
 
     from .data import make_loader
-    from .loop import _seed_everything
+    from .loop import seed_everything
 
     started = time.perf_counter()
     task = ClassifyTask(cfg)
     opts, p = task.opts, task.opts.probe
     if opts.mode != "probe":
-        raise ValueError(f"run_linear_probe needs task_args.mode=probe, got {opts.mode!r}")
+        raise ConfigError(f"run_linear_probe needs task_args.mode=probe, got {opts.mode!r}")
     run_dir = Path(cfg.run_dir)
-    _check_run_dir(run_dir, cfg.overwrite)
+    # refused before the slow part; nothing is written or deleted until the outputs are ready
+    check_run_dir(run_dir, resuming=False, resume_asked=False, overwrite=cfg.overwrite)
     progress = cfg.progress if progress is None else progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     device = _device(cfg.device)
 
     model = task.build_model(device)
     if opts.fusion_args or (len(task.towers) > 1 and opts.fusion != "concat"):
-        raise ValueError(
+        raise ConfigError(
             "task classify: a linear probe fits one linear head on the towers' concatenated outputs; use "
             f"fusion=concat without fusion_args (got fusion={opts.fusion!r}, fusion_args={opts.fusion_args})"
         )
     data = task.build_data(model)
     if data.eval is None:
-        raise ValueError("a linear probe is scored on held-out data: set data.eval (an index file or shard URLs)")
+        raise ConfigError("a linear probe is scored on held-out data: set data.eval (an index file or shard URLs)")
 
     def featurize(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.fusion({m: model.towers[m](inputs[m]) for m in model.towers})
@@ -194,5 +172,13 @@ def run_linear_probe(cfg, progress: bool | None = None) -> dict[str, Any]:
         "eval": metrics,
     }
     report["summary"] = classify_summary(metrics, opts, task.towers, probe_info)
-    _write_outputs(run_dir, model, report, cfg, result.confusion, task)
+    created = not run_dir.exists()
+    # each output replaces its predecessor only once it is complete, so none is deleted up front
+    claim_run_dir(run_dir, (), resuming=False, resume_asked=False, overwrite=cfg.overwrite)
+    try:
+        _write_outputs(run_dir, model, report, cfg, result.confusion, task)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return report

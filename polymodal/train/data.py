@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,14 +12,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from polymodal.datasets import collate_samples
+from polymodal.datasets.seeding import mix_seed, seeded_rng
+from polymodal.errors import ConfigError
 
 from .config import DataSection
 
-
-def mix_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from several parts (unlike ``hash()``, the same in every process)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+__all__ = [
+    "ResumableSampler",
+    "RunData",
+    "SeededSamples",
+    "build_datasets",
+    "make_loader",
+    "mix_seed",
+    "requested_size",
+    "select_rows",
+]
 
 
 class SeededSamples(Dataset):
@@ -36,16 +43,8 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        # Only the CPU generator: torch.manual_seed would also queue seeds for every accelerator
-        # backend, recording a stack trace for each (about 1.7 ms per sample, twice the cost of
-        # decoding and augmenting a small PNG).
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(mix_seed(self.seed, self.epoch, index))
-        try:
+        with seeded_rng(mix_seed(self.seed, self.epoch, index)):
             return self.dataset[index]
-        finally:
-            generator.set_state(state)
 
 
 class ResumableSampler(Sampler[int]):
@@ -98,15 +97,47 @@ def _check_builtin_options(cls: type, options: dict[str, Any]) -> None:
     allowed = set(inspect.signature(cls).parameters) - {"split", "n", "seed", "transform", "tokenizer"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"data.builtin has unknown options {unknown} for {cls.__name__}; expected some of {sorted(allowed)}"
         )
+
+
+def requested_size(cfg: DataSection, name: str) -> int | None:
+    """``data.train_size`` / ``data.eval_size`` when the config sets it, ``None`` when it is left at the
+    default (which sizes the built-in data and says nothing about an index file's rows)."""
+    default = next(f.default for f in dataclasses.fields(DataSection) if f.name == name)
+    value = getattr(cfg, name)
+    return None if value == default else value
+
+
+def select_rows(dataset, size: int | None, seed: int, role: str, key: str):
+    """Keep ``size`` rows of an index dataset, drawn at random from ``seed``; all of them for ``None``.
+
+    A random draw, not the first rows, because index files are often sorted (by class, by source),
+    and a seeded one, so every run and every rank keeps the same rows. The rows come in the order
+    drawn, so a larger size keeps the same rows and more.
+    """
+    if size is None:
+        return dataset
+    if size > len(dataset.rows):
+        raise ConfigError(
+            f"data.{key} is {size}, but {dataset.index_path} has {len(dataset.rows)} rows; "
+            f"expected at most {len(dataset.rows)} (or leave data.{key} unset for all of them)"
+        )
+    order = torch.randperm(len(dataset.rows), generator=torch.Generator().manual_seed(mix_seed(seed, "rows", role)))
+    dataset.rows = [dataset.rows[i] for i in order[:size].tolist()]
+    return dataset
 
 
 def build_datasets(
     cfg: DataSection, model_config, tokenizer, train_transform, eval_transform, with_train: bool = True
 ) -> RunData:
     """Datasets for ``cfg.source``; the built-in sources also bring their zero-shot prompts.
+
+    Image sizes, sample rates and clip lengths come from ``model_config.input_spec``. With an index
+    file (``csv``), ``data.train_size`` / ``data.eval_size`` keep that many rows, drawn at random
+    from ``data.seed`` (``select_rows``); shards (``wds``) are streamed, so there they are refused
+    (``data.epoch_samples`` sets an epoch's length).
 
     ``with_train=False`` builds the held-out split only (``RunData.train`` is ``None``), for evaluation.
     """
@@ -116,8 +147,10 @@ def build_datasets(
         _check_builtin_options(pd.ShapesDataset if cfg.source == "shapes" else pd.TonesDataset, cfg.builtin)
 
     if cfg.source == "shapes":
-        size = model_config.towers["image"].args.get("image_size", 64)
-        options = {"image_size": size, "tokenizer": tokenizer, **cfg.builtin}
+        height, width = model_config.input_spec("image").image_size
+        if height != width:
+            raise ConfigError(f"the built-in shapes are square, but the model takes {height}x{width} images")
+        options = {"image_size": height, "tokenizer": tokenizer, **cfg.builtin}
         train = (
             pd.ShapesDataset("train", cfg.train_size, cfg.seed, transform=train_transform, **options)
             if with_train
@@ -128,39 +161,50 @@ def build_datasets(
             train, held, ("image", "text"), {"shape": pd.shape_prompts(), "colour": pd.colour_prompts()}, "unseen"
         )
     if cfg.source == "tones":
-        audio = model_config.towers["audio"].args
-        rate = audio.get("sample_rate", 16000)
-        options = {"sample_rate": rate, "tokenizer": tokenizer, **cfg.builtin}
+        audio = model_config.input_spec("audio")
+        options = {
+            "sample_rate": audio.sample_rate,
+            "clip_seconds": audio.clip_seconds,
+            "tokenizer": tokenizer,
+            **cfg.builtin,
+        }
         train = pd.TonesDataset("train", cfg.train_size, cfg.seed, **options) if with_train else None
         held = pd.TonesDataset("heldout", cfg.eval_size, cfg.seed, **options)
         return RunData(train, held, ("audio", "text"), pd.tone_prompts(), "unseen")
-    modality = "image" if "image" in model_config.towers else "audio"
+    modality = model_config.query_modality
+    spec = model_config.input_spec(modality)
     if cfg.source == "csv":
 
-        def make(path, transform):
+        def make(path, transform, role):
             if modality == "image":
-                return pd.ImageTextDataset(
+                dataset = pd.ImageTextDataset(
                     path, transform, tokenizer, image_key=cfg.image_key, caption_key=cfg.caption_key
                 )
-            rate = model_config.towers["audio"].args.get("sample_rate", 16000)
-            return pd.AudioTextDataset(
-                path,
-                tokenizer,
-                rate,
-                model_config.preprocess.clip_seconds or 1.0,
-                audio_key=cfg.audio_key,
-                caption_key=cfg.caption_key,
-            )
+            else:
+                dataset = pd.AudioTextDataset(
+                    path,
+                    tokenizer,
+                    spec.sample_rate,
+                    spec.clip_seconds,
+                    audio_key=cfg.audio_key,
+                    caption_key=cfg.caption_key,
+                )
+            key = f"{role}_size"
+            return select_rows(dataset, requested_size(cfg, key), cfg.seed, role, key)
 
         return RunData(
-            make(cfg.train, train_transform) if with_train else None,
-            make(cfg.eval, eval_transform) if cfg.eval else None,
+            make(cfg.train, train_transform, "train") if with_train else None,
+            make(cfg.eval, eval_transform, "eval") if cfg.eval else None,
             (modality, "text"),
             {},
             None,
         )
-    rate = model_config.towers.get("audio").args.get("sample_rate", 16000) if modality == "audio" else None
-    clip = (model_config.preprocess.clip_seconds or 1.0) if modality == "audio" else None
+    for key in ("train_size", "eval_size"):
+        if requested_size(cfg, key) is not None:
+            raise ConfigError(
+                f"data.{key} does not apply to streamed shards (data.source=wds); "
+                "set data.epoch_samples for the samples an epoch takes"
+            )
 
     def stream(urls, transform, resampled):
         return pd.WebDatasetPairs(
@@ -168,8 +212,8 @@ def build_datasets(
             modality=modality,
             transform=transform,
             tokenizer=tokenizer,
-            sample_rate=rate,
-            clip_seconds=clip,
+            sample_rate=spec.sample_rate,
+            clip_seconds=spec.clip_seconds,
             resampled=resampled,
             epoch_samples=cfg.epoch_samples,
             seed=cfg.seed,

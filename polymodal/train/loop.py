@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import logging
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,19 +20,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from polymodal.datasets import Batch, SkipBudget
+from polymodal.errors import ConfigError, InputError, PolymodalError
+from polymodal.fileio import atomic_write_text
 
 from . import checkpoints as ckpt
-from .config import TrainConfig, load_config
+from .config import TrainConfig, apply_overrides, load_config
 from .data import ResumableSampler, RunData, SeededSamples, make_loader
 from .optim import ModelEma, build_optimizer, build_scheduler
 from .report import MetricsWriter, write_report
+from .rundir import claim_run_dir
 from .tasks import get_task
 
 log = logging.getLogger("polymodal.train")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
+class NonFiniteLossError(PolymodalError, RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm (the settings or data diverge)."""
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
@@ -47,10 +51,47 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (what model initialisation and data draw from)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block without changing any global RNG a training step draws from (Python, NumPy, torch, CUDA).
+
+    Evaluation during training draws from them (a DataLoader takes a seed from torch's generator), and
+    a run must follow the same trajectory whether or not it evaluates on the way.
+    """
+    state = ckpt.rng_state()
+    try:
+        yield
+    finally:
+        ckpt.set_rng_state(state)
+
+
+class _FirstSamples(torch.utils.data.IterableDataset):
+    """The first ``n`` samples of a streamed dataset."""
+
+    def __init__(self, dataset, n: int) -> None:
+        self.dataset, self.n = dataset, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.dataset), self.n)
+
+
+def first_samples(data: RunData, n: int) -> RunData:
+    """``data`` with only the first ``n`` held-out samples (all of them when ``n`` is 0 or at least their number)."""
+    held = data.eval
+    if held is None or n <= 0:
+        return data
+    if isinstance(held, torch.utils.data.IterableDataset):
+        return dataclasses.replace(data, eval=_FirstSamples(held, n))
+    if n >= len(held):
+        return data
+    return dataclasses.replace(data, eval=torch.utils.data.Subset(held, range(n)))
 
 
 class Trainer:
@@ -63,9 +104,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision fp16 needs CUDA (use bf16 on CPU)")
+            raise ConfigError("precision fp16 needs CUDA (use bf16 on CPU)")
         self.run_dir = Path(cfg.run_dir)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
 
         self.task = get_task(cfg.task)(cfg)
         self.model = self.task.build_model(self.device)
@@ -87,36 +128,40 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.ema = ModelEma(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
-        self.budget = SkipBudget(max_fraction=cfg.data.skip_budget)
+        source = cfg.data.train or f"the built-in {cfg.data.source} data"
+        self.budget = SkipBudget(max_fraction=cfg.data.skip_budget, source=source, knob="data.skip_budget")
         self.step, self.epoch, self.batch_in_epoch, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0, 0, 0
         self.samples_seen = 0
+        self.scaler_overflow = False  # whether the last skipped step was the fp16 scaler finding its scale
 
         resume_from = ckpt.resolve_resume(self.run_dir, cfg.resume)
+        if self.is_main:
+            # a run never writes over a user's files, nor mixes into (or deletes) an earlier run unless told to
+            claim_run_dir(
+                self.run_dir,
+                self.output_names,
+                resuming=resume_from is not None,
+                resume_asked=cfg.resume is not None,
+                overwrite=cfg.overwrite,
+            )
         if resume_from is not None:
             self._load(resume_from)
-        elif self.is_main:
-            self._check_fresh_run_dir()
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml(), overwrite=True)
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            enabled=self.is_main,
+            tensorboard=cfg.tensorboard,
+            resumed_at=self.step if resume_from is not None else None,
+        )
 
     # ------------------------------------------------------------------ state
 
-    def _check_fresh_run_dir(self) -> None:
-        """A new run never mixes its outputs into (or deletes) an earlier run's unless told to."""
-        leftovers = [n for n in ("metrics.jsonl", "checkpoints", "report.json") if (self.run_dir / n).exists()]
-        if not leftovers:
-            return
-        if not self.cfg.overwrite:
-            raise FileExistsError(
-                f"run_dir {str(self.run_dir)!r} already holds a run ({', '.join(leftovers)}); pass resume=latest to "
-                "continue it, overwrite=true to replace it, or choose another run_dir"
-            )
-        for name in ("metrics.jsonl", "report.json", "curves.png", "config.yaml", *self.task.output_names):
-            (self.run_dir / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(self.run_dir / name, ignore_errors=True)
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Everything a run writes into ``run_dir``."""
+        own = ("metrics.jsonl", "report.json", "curves.png", "config.yaml", "checkpoints", "tensorboard")
+        return (*own, *self.task.output_names)
 
     def _training_state(self) -> dict[str, Any]:
         return {
@@ -137,7 +182,7 @@ class Trainer:
         from polymodal.checkpoint import load_state_dict_strict, read_state_dict
 
         load_state_dict_strict(self.model, read_state_dict(path / "model.safetensors"), source=str(path))
-        state = ckpt.load_training_state(path)
+        state = self._read_training_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -148,6 +193,29 @@ class Trainer:
         self.samples_seen, self.nonfinite_total = state["samples_seen"], state["nonfinite_total"]
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
+
+    @staticmethod
+    def _read_training_state(path: Path) -> dict[str, Any]:
+        """The training state of checkpoint ``path``; ``InputError`` naming the file when it is not one of ours.
+
+        It is only ever read with ``weights_only=True``: a file that needs more is not a polymodal training
+        state (or comes from an incompatible version), and is refused rather than unpickled.
+        """
+        file = path / ckpt.STATE_NAME
+        expected = "a polymodal training state written by a compatible version; resume from another checkpoint"
+        if not file.is_file():
+            raise InputError(f"checkpoint {str(path)!r} has no {ckpt.STATE_NAME}; expected {expected}")
+        try:
+            state = ckpt.load_training_state(path)
+        except OSError:
+            raise
+        except Exception:  # torch raises UnpicklingError, RuntimeError or EOFError for foreign and damaged files
+            raise InputError(f"{str(file)!r} is not {expected}") from None
+        needed = ("step", "epoch", "batch_in_epoch", "samples_seen", "nonfinite_total", "optimizer", "scheduler", "rng")
+        missing = [key for key in needed if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise InputError(f"{str(file)!r} lacks {missing}; it is not {expected}")
+        return state
 
     def save(self) -> Path | None:
         if not self.is_main:
@@ -168,12 +236,12 @@ class Trainer:
         cfg = self.cfg.data
         local = cfg.batch_size // self.world
         if cfg.batch_size % self.world:
-            raise ValueError(f"data.batch_size {cfg.batch_size} must be divisible by the {self.world} ranks")
+            raise ConfigError(f"data.batch_size {cfg.batch_size} must be divisible by the {self.world} ranks")
         pin = self.device.type == "cuda"
         if isinstance(self.data.train, torch.utils.data.IterableDataset):
             while True:
-                if hasattr(self.data.train, "set_epoch"):
-                    self.data.train.set_epoch(self.epoch)
+                if hasattr(self.data.train, "set_epoch"):  # a resumed stream continues mid-epoch
+                    self.data.train.set_epoch(self.epoch, start_batch=self.batch_in_epoch, batch_size=local)
                 for batch in make_loader(
                     self.data.train, local, cfg.num_workers, pin_memory=pin, seed=cfg.seed + self.epoch
                 ):
@@ -204,7 +272,12 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimiser step on a local batch; returns (loss, grad norm, whether the step was applied)."""
+        """One optimiser step on a local batch; returns (loss, grad norm, whether the step was applied).
+
+        A step that is not applied sets ``scaler_overflow`` when its loss was finite and only the fp16
+        gradient scaler's scale overflowed the gradients: the scaler lowers its scale and the step is
+        retried on the next batch, which is how it finds its scale, not a sign of divergence.
+        """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         k = self.cfg.optim.accum_steps
@@ -220,12 +293,16 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        loss_finite = torch.isfinite(loss)
+        finite = loss_finite & torch.isfinite(grad_norm)
         if dist.is_initialized():
-            flag = (~finite).float()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            finite = flag == 0
+            flags = torch.stack([~loss_finite, ~finite]).float()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            loss_finite, finite = flags[0] == 0, flags[1] == 0
+        self.scaler_overflow = False
         if not bool(finite):
+            # at a scale of 1 or less the scaler amplifies nothing: non-finite gradients are then genuine
+            self.scaler_overflow = self.scaler is not None and bool(loss_finite) and self.scaler.get_scale() > 1.0
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.update()
@@ -243,14 +320,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def evaluate(self) -> dict[str, float]:
-        metrics, extras = {}, {}
+    def evaluate(self, subset: int = 0) -> dict[str, float]:
+        """The task's held-out metrics, on the first ``subset`` held-out samples (0: all of them).
+
+        Every global RNG is left as it was, so evaluating changes nothing about the rest of the run.
+        """
+        metrics = {}
         if self.is_main:
-            metrics, extras = self.task.evaluate(self.model, self.data, self.device)
-            self.last_eval_extras = extras
+            with preserved_rng():
+                metrics, extras = self.task.evaluate(self.model, first_samples(self.data, subset), self.device)
+            if not subset:
+                self.last_eval_extras = extras
         if dist.is_initialized():
             dist.barrier()
         return metrics
+
+    def _log_line(self, row: dict[str, Any]) -> None:
+        """Without a progress bar, a log line per metrics row says how the run goes."""
+        log.info(
+            "step %d/%d: loss %.4f, lr %.3g, %.0f samples/s",
+            row["step"],
+            self.cfg.steps,
+            row["loss"],
+            row["lr"],
+            row["samples_per_s"],
+        )
 
     def fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -277,6 +371,13 @@ class Trainer:
                 batch = batch.to(self.device, non_blocking=True)
                 loss, grad_norm, applied = self.train_step(batch)
                 global_samples = len(batch) * self.world
+                if not applied and self.scaler_overflow:
+                    log.debug(
+                        "step %d: fp16 gradient scaler overflow; scale lowered to %g",
+                        self.step,
+                        self.scaler.get_scale(),
+                    )
+                    continue
                 if not applied:
                     self.nonfinite_in_row += 1
                     self.nonfinite_total += 1
@@ -315,9 +416,15 @@ class Trainer:
                     }
                     self.metrics.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.0f}")
+                    if self.is_main and not cfg.progress:
+                        self._log_line(row)
                     window_start, window_samples = time.perf_counter(), 0
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.metrics.write({"step": self.step, **self.evaluate()})
+                    started_eval = time.perf_counter()
+                    eval_row = {"step": self.step, **self.evaluate(cfg.eval_subset)}
+                    if len(eval_row) > 1:
+                        self.metrics.write(eval_row)
+                    window_start += time.perf_counter() - started_eval  # throughput counts training time only
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
         finally:
@@ -357,8 +464,6 @@ def train(config: TrainConfig | dict | str | os.PathLike, overrides: list[str] |
     else:
         cfg = load_config(config, overrides)
     if overrides and isinstance(config, (TrainConfig, dict)):
-        from .config import apply_overrides
-
         cfg = TrainConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
     trainer = Trainer(cfg)
     try:

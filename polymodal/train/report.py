@@ -7,9 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from polymodal.checkpoint import atomic_write_bytes
+from polymodal.fileio import atomic_write_text
 
 log = logging.getLogger("polymodal.train")
 
@@ -17,9 +15,17 @@ log = logging.getLogger("polymodal.train")
 class MetricsWriter:
     """Appends one JSON line per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, resumed_at: int | None = None
+    ) -> None:
+        """``resumed_at``: the step a resumed run continues from; its earlier rows are kept (the report and
+        curves cover the whole run) and rows after it, from the part that is now repeated, are dropped."""
         self.enabled, self.rows = enabled, []
         self.path = run_dir / "metrics.jsonl"
+        if enabled and resumed_at is not None and self.path.is_file():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r.get("step", 0) <= resumed_at]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows), overwrite=True)
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -52,30 +58,23 @@ def write_report(run_dir: Path, report: dict[str, Any], rows: list[dict]) -> Non
     """``report.json`` and, when metrics were logged, ``curves.png`` (every task's losses and metrics)."""
     from polymodal.tasks import plot_curves
 
-    atomic_write_bytes(run_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
     if rows:
         plot_curves(rows, run_dir / "curves.png", overwrite=True)
 
 
 def write_retrieval_grid(run_dir: Path, extras: dict[str, Any], data, model) -> None:
-    """``retrieval_grid.png``: the top 5 held-out images for six held-out captions (image data only)."""
-    from polymodal.tasks import plot_retrieval_grid
+    """``retrieval_grid.png``: the top 5 held-out images for six held-out captions (image data only), framed
+    right or wrong by the same relevance the recall metrics use."""
+    from polymodal.tasks import EmbeddedData, plot_retrieval_examples
 
     if not extras or extras.get("modality") != "image":
         return
-    emb, meta = extras["embeddings"], extras["meta"]
-    queries = list(range(0, len(meta), max(1, len(meta) // 6)))[:6]
-    sims = emb["text"][queries] @ emb["image"].T
-    top = sims.topk(min(5, sims.shape[1]), dim=-1).indices
-    wanted = sorted(set(top.flatten().tolist()))
-    images = {i: data.eval[i]["image"] for i in wanted}
     pre = model.config.preprocess
-    plot_retrieval_grid(
-        [meta[q]["caption"] for q in queries],
-        [images[i] for i in top.flatten().tolist()],
-        torch.arange(top.numel()).view_as(top),
+    plot_retrieval_examples(
+        EmbeddedData(extras["embeddings"], meta=extras["meta"]),
+        lambda i: data.eval[i]["image"],
         run_dir / "retrieval_grid.png",
-        correct=top == torch.tensor(queries).unsqueeze(1),
         mean=pre.mean,
         std=pre.std,
         overwrite=True,

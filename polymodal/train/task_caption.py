@@ -26,41 +26,49 @@ the image's own caption (``references: caption``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from polymodal.checkpoint import atomic_write_bytes
 from polymodal.datasets import Batch
+from polymodal.errors import ConfigError
 from polymodal.factory import apply_overrides, create_model, get_preprocess, get_tokenizer
+from polymodal.fileio import atomic_write_text
 from polymodal.fusion import clip_loss, siglip_loss
 from polymodal.registry import get_model_config, list_models
+from polymodal.resolver import resolve_model
 
+from .config import parse_section
 from .data import RunData, build_datasets, make_loader
 from .tasks import TrainTask, register_task
 
-_DEFAULTS: dict[str, Any] = {
-    "caption_weight": 1.0,
-    "contrastive_weight": 1.0,
-    "label_smoothing": 0.0,
-    "vocabulary": "model",
-    "num_beams": 3,
-    "length_penalty": 1.0,
-    "max_length": None,
-    "references": None,
-    "eval_batch_size": 250,
-}
+
+@dataclass
+class CaptionOptions:
+    """The ``task_args`` of ``task: caption`` (see the module docstring)."""
+
+    caption_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    label_smoothing: float = 0.0
+    vocabulary: Literal["model", "data"] = "model"
+    num_beams: int = 3
+    length_penalty: float = 1.0
+    max_length: int | None = None
+    references: Literal["templates", "caption"] | None = None
+    eval_batch_size: int = 250
+
+
 PLOT_IMAGES = 12
 
 
-def _number(args: dict[str, Any], key: str, low: float, integer: bool = False) -> None:
-    value = args[key]
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
-        raise ValueError(f"task_args.{key} must be a {'whole ' if integer else ''}number >= {low}, got {value!r}")
+def _at_least(args: dict[str, Any], key: str, low: float) -> None:
+    if args[key] is not None and args[key] < low:
+        raise ConfigError(f"task_args.{key} must be >= {low}, got {args[key]!r}")
 
 
 def caption_references(meta: dict[str, Any], mode: str) -> list[str]:
@@ -83,32 +91,21 @@ class CaptionTask(TrainTask):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        unknown = sorted(set(cfg.task_args) - set(_DEFAULTS))
-        if unknown:
-            raise ValueError(f"task caption has no task_args {unknown}; it takes {sorted(_DEFAULTS)}")
-        args = {**_DEFAULTS, **cfg.task_args}
+        args = dataclasses.asdict(parse_section(CaptionOptions, cfg.task_args, "task_args"))
         for key in ("caption_weight", "contrastive_weight", "label_smoothing"):
-            _number(args, key, 0.0)
-        if isinstance(args["length_penalty"], bool) or not isinstance(args["length_penalty"], (int, float)):
-            raise ValueError(f"task_args.length_penalty must be a number, got {args['length_penalty']!r}")
+            _at_least(args, key, 0.0)
         if args["caption_weight"] == 0:
-            raise ValueError("task_args.caption_weight must be positive: it is a captioning task")
+            raise ConfigError("task_args.caption_weight must be positive: it is a captioning task")
         if args["label_smoothing"] >= 1:
-            raise ValueError(f"task_args.label_smoothing must be below 1, got {args['label_smoothing']}")
-        _number(args, "num_beams", 1, integer=True)
-        _number(args, "eval_batch_size", 1, integer=True)
-        if args["max_length"] is not None:
-            _number(args, "max_length", 1, integer=True)
-        if args["vocabulary"] not in ("model", "data"):
-            raise ValueError(f"task_args.vocabulary must be 'model' or 'data', got {args['vocabulary']!r}")
+            raise ConfigError(f"task_args.label_smoothing must be below 1, got {args['label_smoothing']}")
+        for key in ("num_beams", "eval_batch_size", "max_length"):
+            _at_least(args, key, 1)
         if args["references"] is None:
             args["references"] = "templates" if cfg.data.source == "shapes" else "caption"
-        if args["references"] not in ("templates", "caption"):
-            raise ValueError(f"task_args.references must be 'templates' or 'caption', got {args['references']!r}")
         if args["references"] == "templates" and cfg.data.source != "shapes":
-            raise ValueError("task_args.references: templates needs the built-in shapes data (data.source: shapes)")
+            raise ConfigError("task_args.references: templates needs the built-in shapes data (data.source: shapes)")
         if cfg.data.source == "tones":
-            raise ValueError("task caption captions images; data.source tones holds audio")
+            raise ConfigError("task caption captions images; data.source tones holds audio")
         self.args = args
         self.tokenizer = None
         self._parts: dict[str, torch.Tensor] = {}
@@ -129,7 +126,7 @@ class CaptionTask(TrainTask):
                 config.decoder.args["token_ids"] = self._data_token_ids(config)
             model = create_model(config, device=device)
         else:
-            model = create_model(cfg.name, pretrained=cfg.pretrained, device=device, **cfg.overrides)
+            model = resolve_model(cfg.name, pretrained=cfg.pretrained, device=device, **cfg.overrides)
         if getattr(getattr(model, "config", None), "kind", None) != "captioner":
             raise ValueError(
                 f"task caption needs a captioner (model kind 'captioner', e.g. coca-vit-tiny); {cfg.name!r} is a "
@@ -153,7 +150,11 @@ class CaptionTask(TrainTask):
             from polymodal.datasets import read_index
 
             rows = read_index(data.train, required_columns=(data.caption_key,))
-            texts = [str(r[data.caption_key]) for r in rows if isinstance(r.get(data.caption_key), str)]
+            texts = [
+                str(r[data.caption_key])
+                for r in rows
+                if isinstance(r, dict) and isinstance(r.get(data.caption_key), str)
+            ]
         else:
             raise ValueError(
                 f"task_args.vocabulary: data reads the training captions up front, which data.source "
@@ -277,7 +278,7 @@ class CaptionTask(TrainTask):
             {"index": m.get("index", i), "caption": m.get("caption"), **{k: v[i] for k, v in generated.items()}}
             for i, m in enumerate(meta)
         ]
-        atomic_write_bytes(run_dir / "captions.json", (json.dumps(records, indent=1) + "\n").encode())
+        atomic_write_text(run_dir / "captions.json", json.dumps(records, indent=1) + "\n", overwrite=True)
         shown = list(range(min(PLOT_IMAGES, len(meta))))
         images = [data.eval[m.get("index", i)]["image"] for i, m in ((i, meta[i]) for i in shown)]
         captions = {k: [v[i] for i in shown] for k, v in generated.items()}

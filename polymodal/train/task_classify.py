@@ -32,7 +32,6 @@ checkpoints hold (``polymodal.from_pretrained`` loads it, class names included).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from polymodal.checkpoint import CheckpointError
 from polymodal.config import (
     ENCODER_TYPES,
     FUSION_TYPES,
@@ -51,11 +51,15 @@ from polymodal.config import (
     ModelConfig,
     build_component,
     build_encoder,
+    query_modality_of,
     validate_component,
 )
 from polymodal.datasets import Batch
+from polymodal.errors import InputError
 from polymodal.model import LateFusionClassifier
+from polymodal.resolver import locate_model, parse_reference, resolve_model
 
+from .config import parse_section
 from .data import RunData, build_datasets, make_loader
 from .tasks import TrainTask, register_task
 
@@ -65,18 +69,6 @@ FUSIONS = ("concat", "attention", "cross_attention")
 MODES = ("finetune", "probe")
 DATASETS = ("labels", "shape_claims")
 PROBE_VALS = ("heldout", "train", "none")
-
-
-def _number(value: Any, where: str) -> float | None:
-    """A YAML number, or a string such as "3e-4" (YAML 1.1 reads exponents without a dot as strings)."""
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise ValueError(f"task classify: {where} must be a number, got {value!r}")
 
 
 def builtin_classes(source: str, dataset: str = "labels") -> dict[str, list[str]]:
@@ -127,28 +119,9 @@ class ClassifyOptions:
 
     @classmethod
     def from_args(cls, args: dict[str, Any], source: str) -> ClassifyOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"task classify: unknown task_args {unknown}; expected some of {sorted(known)}")
-        args = dict(args)
-        probe = args.pop("probe", None) or {}
-        if not isinstance(probe, dict):
-            raise ValueError(f"task_args.probe must be a mapping, got {probe!r}")
-        probe_known = {f.name for f in dataclasses.fields(ProbeOptions)}
-        if set(probe) - probe_known:
-            raise ValueError(
-                f"task classify: unknown task_args.probe keys {sorted(set(probe) - probe_known)}; "
-                f"expected some of {sorted(probe_known)}"
-            )
-        for name in ("head_lr", "encoder_lr", "label_smoothing"):
-            args[name] = _number(args.get(name), f"task_args.{name}")
-        probe["weight_decay"] = _number(probe.get("weight_decay"), "task_args.probe.weight_decay")
-        if isinstance(probe.get("weight_decays"), list):
-            probe["weight_decays"] = [_number(w, "task_args.probe.weight_decays") for w in probe["weight_decays"]]
-        if args["label_smoothing"] is None:
-            del args["label_smoothing"]  # not given: the default
-        opts = cls(**args, probe=ProbeOptions(**{k: v for k, v in probe.items() if v is not None}))
+        """Parsed by the trainer's one option parser (``parse_section``), then checked against ``source``."""
+        args = {k: v for k, v in args.items() if not (k == "probe" and v is None)}  # an empty ``probe:``
+        opts = parse_section(cls, args, "task_args")
         opts.validate(source)
         return opts
 
@@ -224,52 +197,41 @@ class ClassifyOptions:
 
 
 def resolve_base(spec: str) -> str:
-    """The directory (or registered name) a base model spec points to.
-
-    A directory with ``config.json`` is a saved model or a checkpoint; a directory with complete
-    checkpoints (a training run) resolves to its newest one.
-    """
-    from polymodal.registry import list_models
-
-    from .checkpoints import complete_checkpoints
-
-    path = Path(spec)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return str(path)
-        found = complete_checkpoints(path)
-        if found:
-            return str(found[-1])
+    """The directory (or registered name) a base model spec points to, as ``polymodal.resolver`` decides:
+    a training run resolves to its newest complete checkpoint."""
+    try:
+        return str(locate_model(spec))
+    except CheckpointError:
+        if Path(spec).is_file():
+            raise ValueError(
+                f"base model {spec!r} is a file; pass a model directory or a registered model name"
+            ) from None
         raise FileNotFoundError(
             f"base model {spec!r} is a directory without config.json and without complete checkpoints; expected a "
             "saved model directory, a checkpoint directory, or a training run directory such as runs/demo "
             "(run 'make demo' to create it)"
-        )
-    if spec in list_models():
-        return spec
-    if path.exists():
-        raise ValueError(f"base model {spec!r} is a file; pass a model directory or a registered model name")
-    raise FileNotFoundError(
-        f"base model {spec!r} does not exist: expected a saved model directory, a training run directory "
-        "(e.g. runs/demo, written by 'make demo') or a registered model name (see 'polymodal list-models')"
-    )
+        ) from None
+    except (FileNotFoundError, InputError):
+        raise FileNotFoundError(
+            f"base model {spec!r} does not exist: expected a saved model directory, a training run directory "
+            "(e.g. runs/demo, written by 'make demo') or a registered model name (see 'polymodal list-models')"
+        ) from None
 
 
 def load_base(cfg, device: torch.device) -> nn.Module:
     """The base model of a classify run, in eval mode (its towers are copied, never trained in place)."""
-    from polymodal.factory import create_model, from_pretrained
-
-    spec = resolve_base(cfg.model.name)
-    if Path(spec).is_dir():
-        if cfg.model.pretrained is not None or cfg.model.overrides:
-            raise ValueError(
-                f"model.name {cfg.model.name!r} is a saved model; model.pretrained and model.overrides apply only "
-                "to registered names"
-            )
-        return from_pretrained(spec, device=device).eval()
-    if cfg.model.pretrained is None:
-        log.warning("base model %s has random weights (no model.pretrained): the classifier trains from scratch", spec)
-    return create_model(spec, pretrained=cfg.model.pretrained, device=device, **cfg.model.overrides).eval()
+    resolve_base(cfg.model.name)  # the trainer's messages for a missing base
+    reference = parse_reference(cfg.model.name)
+    if reference.has_weights and (cfg.model.pretrained is not None or cfg.model.overrides):
+        raise ValueError(
+            f"model.name {cfg.model.name!r} is a saved model; model.pretrained and model.overrides apply only "
+            "to registered names"
+        )
+    if not reference.has_weights and cfg.model.pretrained is None:
+        log.warning(
+            "base model %s has random weights (no model.pretrained): the classifier trains from scratch", cfg.model.name
+        )
+    return resolve_model(reference, pretrained=cfg.model.pretrained, device=device, **cfg.model.overrides).eval()
 
 
 def _fusion_config(opts: ClassifyOptions, dims: dict[str, int]) -> ComponentConfig:
@@ -282,8 +244,7 @@ def _fusion_config(opts: ClassifyOptions, dims: dict[str, int]) -> ComponentConf
     elif opts.fusion == "cross_attention":
         if len(dims) != 2:
             raise ValueError(f"task classify: cross_attention fuses exactly two towers, got {sorted(dims)}")
-        query = next((m for m in ("image", "audio") if m in dims), sorted(dims)[0])
-        args.setdefault("query_modality", query)
+        args.setdefault("query_modality", query_modality_of(dims) or sorted(dims)[0])
         args.setdefault("context_modality", next(m for m in dims if m != args["query_modality"]))
         args.setdefault("dim", dims[args["query_modality"]])
         args.setdefault("heads", 4 if args["dim"] % 4 == 0 else 1)
@@ -338,7 +299,8 @@ def build_component_for(cfg: ComponentConfig, device) -> nn.Module:
     return build_component(cfg, FUSION_TYPES, device=device)
 
 
-def _claims_datasets(cfg, base_config: ModelConfig, tokenizer, train_tf, eval_tf) -> tuple[Dataset, Dataset]:
+def claims_datasets(cfg, base_config: ModelConfig, tokenizer, train_tf, eval_tf) -> tuple[Dataset, Dataset]:
+    """The train and held-out splits of ``dataset: shape_claims`` for a base model's towers."""
     from polymodal.datasets.shape_claims import ShapeClaimsDataset
 
     allowed = set(inspect.signature(ShapeClaimsDataset).parameters) - {"split", "n", "seed", "transform", "tokenizer"}
@@ -347,8 +309,10 @@ def _claims_datasets(cfg, base_config: ModelConfig, tokenizer, train_tf, eval_tf
         raise ValueError(
             f"data.builtin has unknown options {unknown} for shape claims; expected some of {sorted(allowed)}"
         )
-    size = base_config.towers["image"].args.get("image_size", 64) if "image" in base_config.towers else 64
-    options = {"image_size": size, "tokenizer": tokenizer, **cfg.data.builtin}
+    options = {"tokenizer": tokenizer, **cfg.data.builtin}
+    if "image" in base_config.towers:  # images drawn at the size the tower takes; else the generator's own
+        height, width = base_config.input_spec("image").image_size
+        options.setdefault("image_size", height if height == width else (height, width))
     train = ShapeClaimsDataset("train", cfg.data.train_size, cfg.data.seed, transform=train_tf, **options)
     held = ShapeClaimsDataset("heldout", cfg.data.eval_size, cfg.data.seed, transform=eval_tf, **options)
     return train, held
@@ -380,7 +344,7 @@ class ClassifyTask(TrainTask):
         if getattr(base, "config", None) is None or not hasattr(base, "towers"):
             raise ValueError(f"base model {self.cfg.model.name!r} has no towers to classify with")
         available = list(base.towers)
-        towers = self.opts.towers or [next((m for m in ("image", "audio") if m in available), available[0])]
+        towers = self.opts.towers or [query_modality_of(available) or available[0]]
         missing = [m for m in towers if m not in available]
         if missing:
             raise ValueError(f"task classify: base model has no {missing} tower(s); it has {available}")
@@ -408,7 +372,7 @@ class ClassifyTask(TrainTask):
         train_tf = get_preprocess(self.base, "image", is_train=augment) if image else None
         eval_tf = get_preprocess(self.base, "image", is_train=False) if image else None
         if self.opts.dataset == "shape_claims":
-            train, held = _claims_datasets(self.cfg, base_config, tokenizer, train_tf, eval_tf)
+            train, held = claims_datasets(self.cfg, base_config, tokenizer, train_tf, eval_tf)
             data = RunData(train, held, tuple(self.towers), {}, None)
         else:
             data = build_datasets(self.cfg.data, base_config, tokenizer, train_tf, eval_tf)

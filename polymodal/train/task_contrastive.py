@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 from polymodal.datasets import Batch
-from polymodal.factory import create_model, get_preprocess, get_tokenizer
+from polymodal.factory import get_preprocess, get_tokenizer
 from polymodal.fusion import clip_loss, siglip_loss
+from polymodal.resolver import resolve_model
+from polymodal.tasks import format_metrics
 
 from .data import RunData, build_datasets
 from .evaluate import evaluate as evaluate_heldout
-from .evaluate import format_metrics
 from .report import write_retrieval_grid
-from .tasks import TrainTask, register_task, split_batch
+from .tasks import ForwardRngState, TrainTask, register_task, split_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
@@ -56,7 +57,7 @@ class ContrastiveTask(TrainTask):
 
     def build_model(self, device: torch.device) -> nn.Module:
         cfg = self.cfg.model
-        model = create_model(cfg.name, pretrained=cfg.pretrained, device=device, **cfg.overrides)
+        model = resolve_model(cfg.name, pretrained=cfg.pretrained, device=device, **cfg.overrides)
         if not hasattr(model, "alignment"):
             raise ValueError(f"task contrastive needs a contrastive model; {cfg.name!r} is a {type(model).__name__}")
         for modality, unlocked in cfg.lock.items():
@@ -67,7 +68,7 @@ class ContrastiveTask(TrainTask):
 
     def build_data(self, model: nn.Module) -> RunData:
         self.tokenizer = get_tokenizer(model)
-        modality = "image" if "image" in model.config.towers else "audio"
+        modality = model.config.query_modality
         augment = self.cfg.data.augment
         train_tf = get_preprocess(model, modality, is_train=augment) if modality == "image" else None
         eval_tf = get_preprocess(model, modality, is_train=False) if modality == "image" else None
@@ -107,7 +108,7 @@ class ContrastiveTask(TrainTask):
         rng, cached = [], []
         with torch.no_grad():
             for inputs in micro:
-                rng.append(torch.get_rng_state())
+                rng.append(ForwardRngState(trainer.device))
                 with _frozen_buffers(model), trainer.autocast():
                     cached.append({m: e.float() for m, e in forward(**inputs).embeddings.items()})
         full = {m: torch.cat([c[m] for c in cached]).requires_grad_(True) for m in cached[0]}
@@ -124,7 +125,7 @@ class ContrastiveTask(TrainTask):
             size = cached[i][next(iter(cached[i]))].shape[0]
             sync = i == n - 1 or not hasattr(forward, "no_sync")
             context = contextlib.nullcontext() if sync else forward.no_sync()
-            torch.set_rng_state(rng[i])
+            rng[i].restore()
             with context:
                 with trainer.autocast():
                     out = forward(**inputs)

@@ -130,6 +130,27 @@ def get_task(name: str) -> type[TrainTask]:
     return TASKS[name]
 
 
+class ForwardRngState:
+    """The states of the generators a forward pass on ``device`` draws from (dropout, patch dropout).
+
+    Recomputing a forward pass (GradCache, activation checkpointing by hand) must draw the same
+    random numbers as the first pass. On an accelerator those come from the device's own generator,
+    not the CPU's, so both are captured; ``restore`` puts both back.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cpu = torch.get_rng_state()
+        self.accelerator = None
+        if self.device.type != "cpu":
+            self.accelerator = torch.get_device_module(self.device.type).get_rng_state(self.device)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            torch.get_device_module(self.device.type).set_rng_state(self.accelerator, self.device)
+
+
 def split_batch(batch: Batch, chunks: int) -> list[Batch]:
     """``batch`` cut into at most ``chunks`` consecutive micro-batches (tensors and meta alike)."""
     size = -(-len(batch) // chunks)  # ceil

@@ -4,7 +4,17 @@ from .decoder import CaptionDecoder, CaptionDecoderBlock, DecoderCache, caption_
 from .generation import BeamSearchOutput, beam_search, filter_logits, generate, greedy_search, sample
 from .metrics import BleuScore, CiderScore, caption_words, cider_d, corpus_bleu, ngram_counts
 from .model import CaptionOutput, ImageCaptioner
-from .plots import caption_figure, plot_captions
+
+_PLOTS = ("caption_figure", "plot_captions")  # matplotlib loads on first use, not when a CoCa is built
+
+
+def __getattr__(name: str):
+    if name in _PLOTS:
+        from . import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BeamSearchOutput",

@@ -5,7 +5,8 @@ tokens (an encoder's ``forward_features``, projected to the decoder width), then
 teacher forcing: the decoder reads ``text[:, :-1]`` and predicts ``text[:, 1:]``, and only positions up
 to the end-of-text token count. For generation, a ``DecoderCache`` keeps each layer's self-attention
 keys and values (one position longer per step) and the cross-attention keys and values of the image
-tokens (computed once), so each step feeds one token.
+tokens (computed once), so each step feeds one token. Both attentions are ``encoders.attention.Attention``
+(its key/value cache, and its split query and key/value projections for the image tokens).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...encoders.layers import Attention, Mlp, check_input, get_act_layer, get_norm_layer
-from ...fusion.cross_attention import CrossAttention
-
-KeyValue = tuple[torch.Tensor, torch.Tensor]
+from ...encoders.attention import Attention, KeyValue, Mlp, mlp_hidden_dim
+from ...encoders.layers import check_input, get_act_layer, get_norm_layer
 
 # The CLIP tokenizer's special ids: start-of-text, end-of-text and padding.
 CLIP_BOS_ID = 49406
@@ -54,52 +53,6 @@ class DecoderCache:
         self.cross_kv = [(k[index], v[index]) for k, v in self.cross_kv]
 
 
-class CachedSelfAttention(Attention):
-    """Causal self-attention (fused qkv, as ``encoders.layers.Attention``) that can extend a key/value cache."""
-
-    def forward_cached(self, x: torch.Tensor, past: KeyValue | None = None) -> tuple[torch.Tensor, KeyValue]:
-        """Attend ``x (B, T, width)``, placed after the ``P`` cached positions, causally.
-
-        Returns the output ``(B, T, width)`` and the keys and values of all ``P + T`` positions.
-        """
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, T, head_dim)
-        mask, causal = None, True
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, heads, P + T, head_dim)
-            v = torch.cat([past[1], v], dim=2)
-            P = past[0].shape[2]
-            causal = False
-            if T > 1:  # query i sits at position P + i and sees keys 0 .. P + i
-                mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, heads, T, head_dim)
-        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, width)
-        return self.proj_drop(self.proj(out)), (k, v)
-
-
-class ImageCrossAttention(CrossAttention):
-    """Cross-attention (``fusion.CrossAttention``) split so the image keys and values are computed once."""
-
-    def memory_kv(self, memory: torch.Tensor) -> KeyValue:
-        """Keys and values ``2 x (B, heads, N, head_dim)`` of the image tokens ``memory (B, N, width)``."""
-        B, N, _ = memory.shape
-        kv = self.kv(memory).view(B, N, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, head_dim)
-        return k, v
-
-    def attend(self, x: torch.Tensor, kv: KeyValue) -> torch.Tensor:
-        B, T, C = x.shape
-        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
-        out = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, heads, T, head_dim)
-        out = out.transpose(1, 2).reshape(B, T, C)  # (B, T, width)
-        return self.proj_drop(self.proj(out))
-
-
 class CaptionDecoderBlock(nn.Module):
     """``x + self_attn(norm1(x))``, then ``x + cross_attn(norm2(x), image)``, then ``x + mlp(norm3(x))``."""
 
@@ -119,18 +72,18 @@ class CaptionDecoderBlock(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.norm1 = norm_layer(dim).to(**factory)
-        self.attn = CachedSelfAttention(dim, num_heads, qkv_bias, attn_drop, drop, **factory)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, **factory)
         self.norm2 = norm_layer(dim).to(**factory)
-        self.cross_attn = ImageCrossAttention(dim, num_heads, qkv_bias, attn_drop, drop, **factory)
+        self.cross_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, cross=True, **factory)
         self.norm3 = norm_layer(dim).to(**factory)
-        self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=act_layer, drop=drop, **factory)
+        self.mlp = Mlp(dim, mlp_hidden_dim(dim, mlp_ratio), act_layer=act_layer, drop=drop, **factory)
 
     def forward(
         self, x: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, past: KeyValue | None = None
     ) -> tuple[torch.Tensor, KeyValue]:
         attn, kv = self.attn.forward_cached(self.norm1(x), past)
         x = x + attn
-        x = x + self.cross_attn.attend(self.norm2(x), (cross_k, cross_v))
+        x = x + self.cross_attn.attend(self.cross_attn.queries(self.norm2(x)), cross_k, cross_v)
         return x + self.mlp(self.norm3(x)), kv
 
 
@@ -336,7 +289,7 @@ class CaptionDecoder(nn.Module):
         memory = self.project_memory(image_tokens)
         if memory.shape[0] != tokens.shape[0]:
             raise ValueError(f"{tokens.shape[0]} token rows but {memory.shape[0]} images")
-        cross_kv = [block.cross_attn.memory_kv(memory) for block in self.blocks]
+        cross_kv = [block.cross_attn.keys_values(memory) for block in self.blocks]
         hidden, _ = self._run(tokens, cross_kv, [None] * len(self.blocks), 0)
         return hidden
 
@@ -384,7 +337,7 @@ class CaptionDecoder(nn.Module):
     def init_cache(self, image_tokens: torch.Tensor) -> DecoderCache:
         """An empty cache holding the cross-attention keys and values of ``image_tokens (B, N, memory_dim)``."""
         memory = self.project_memory(image_tokens)
-        return DecoderCache([None] * len(self.blocks), [block.cross_attn.memory_kv(memory) for block in self.blocks])
+        return DecoderCache([None] * len(self.blocks), [block.cross_attn.keys_values(memory) for block in self.blocks])
 
     def step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """Feed ``tokens (B, T)`` after the cached positions; returns logits ``(B, T, num_tokens)``.

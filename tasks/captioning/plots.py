@@ -10,7 +10,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ..plots import CORRECT_COLOR, INCORRECT_COLOR, _framed, _save, _short, _target, _to_rgb_array
+from ..plots import CORRECT_COLOR, INCORRECT_COLOR, check_png_target, framed, save_figure, short_text, to_rgb_array
 
 
 def caption_figure(
@@ -45,16 +45,16 @@ def caption_figure(
     lines = 2 * len(captions)
     fig = Figure(figsize=(2.7 * columns, rows * (2.2 + 0.16 * lines)), layout="constrained")
     for i, image in enumerate(images):
-        arr = _to_rgb_array(image, mean, std, f"images[{i}]")
+        arr = to_rgb_array(image, mean, std, f"images[{i}]")
         if correct is not None:
-            arr = _framed(arr, CORRECT_COLOR if correct[i] else INCORRECT_COLOR)
+            arr = framed(arr, CORRECT_COLOR if correct[i] else INCORRECT_COLOR)
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(arr, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_visible(False)
-        text = "\n".join(_short(f"{source}: {texts[i]}", 34, lines=2) for source, texts in captions.items())
+        text = "\n".join(short_text(f"{source}: {texts[i]}", 34, lines=2) for source, texts in captions.items())
         ax.set_xlabel(text, fontsize=7, loc="left")
     return fig
 
@@ -71,5 +71,5 @@ def plot_captions(
     dpi: int = 100,
 ) -> Path:
     """Write ``caption_figure`` to a PNG (atomically; an existing file only with ``overwrite=True``)."""
-    path = _target(out_png, overwrite)
-    return _save(caption_figure(images, captions, correct, mean, std, columns), path, overwrite, dpi)
+    path = check_png_target(out_png, overwrite)
+    return save_figure(caption_figure(images, captions, correct, mean, std, columns), path, overwrite, dpi)

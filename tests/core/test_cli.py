@@ -77,3 +77,97 @@ def test_convert_errors_are_clear(tmp_path):
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---------------------------------------------------------------------- errors reach the user as one line
+
+
+TINY_TRAIN = """run_dir: {run_dir}
+steps: 2
+progress: false
+tensorboard: false
+model:
+  name: clip-vit-tiny
+  overrides:
+    image: {{image_size: 32, width: 32, layers: 1, heads: 2}}
+    text: {{width: 32, layers: 1, heads: 2}}
+data: {{train_size: 64, eval_size: 16, batch_size: 16}}
+"""
+
+
+def train_fails(*args) -> str:
+    """Run ``python -m polymodal train ARGS`` as a user does; it must fail with status 2 and print exactly one
+    line (the error), no traceback. Returns that line."""
+    proc = subprocess.run([sys.executable, "-m", "polymodal", "train", *args], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_train_config_errors_are_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 10\noptim:\n  lr: [0.1\n")
+    line = train_fails(str(bad))
+    assert f"'{bad}' is not valid YAML at line 4" in line and "<unicode string>" not in line
+    bad.write_text("optim:\n  lr: fast\n")
+    assert line_is(train_fails(str(bad)), f"error: '{bad}': optim.lr must be float, got 'fast'")
+    bad.write_text("data:\n  batch_size: 0\n")
+    assert line_is(train_fails(str(bad)), f"error: '{bad}': data.batch_size must be positive, got 0")
+    bad.write_text("- a list\n")
+    assert line_is(train_fails(str(bad)), f"error: '{bad}' must hold a YAML mapping, got list")
+    good = tmp_path / "good.yaml"
+    good.write_text("steps: 3\n")
+    assert line_is(
+        train_fails(str(good), "optim.betass=[0.9, 0.99]"),
+        f"error: '{good}': unknown key(s) ['betass'] in optim; expected some of "
+        "['accum_steps', 'betas', 'ema_decay', 'eps', 'grad_clip', 'local_loss', 'loss', 'lr', 'max_nonfinite', "
+        "'min_lr_ratio', 'warmup_steps', 'weight_decay']",
+    )
+
+
+def line_is(line: str, expected: str) -> bool:
+    assert line == expected
+    return True
+
+
+def test_train_refuses_a_foreign_training_state_in_one_line(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_TRAIN.format(run_dir=tmp_path / "run"))
+    checkpoint = tmp_path / "step_00000001"
+    model = create_model(
+        "clip-vit-tiny",
+        image={"image_size": 32, "width": 32, "layers": 1, "heads": 2},
+        text={"width": 32, "layers": 1, "heads": 2},
+    )
+    model.save_pretrained(checkpoint)
+    torch.save({"step": Path("not a training state")}, checkpoint / "training_state.pt")  # weights_only refuses it
+    (checkpoint / "COMPLETE").write_text("1\n")
+    line = train_fails(str(cfg), f"resume={checkpoint}")
+    assert line == (
+        f"error: '{checkpoint / 'training_state.pt'}' is not a polymodal training state written by a compatible "
+        "version; resume from another checkpoint"
+    )
+
+
+def test_train_refuses_a_model_config_that_is_not_json(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_TRAIN.format(run_dir=tmp_path / "run"))
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    line = train_fails(str(cfg), f"model.name={broken}")
+    assert "config.json" in line
+
+
+def test_multi_line_messages_are_printed_on_one_line(monkeypatch, capsys):
+    from polymodal import cli
+    from polymodal.errors import InputError
+
+    def fails(args):
+        raise InputError("data.csv, row 3:\n  expected a caption\n\n  got nothing")
+
+    monkeypatch.setattr(cli, "_train", fails)
+    assert cli.main(["train", "x.yaml"]) == 2
+    assert capsys.readouterr().err == "error: data.csv, row 3: expected a caption got nothing\n"

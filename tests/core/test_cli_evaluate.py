@@ -142,3 +142,85 @@ def test_bad_input_is_refused(files, tmp_path, capsys):
     cli_fails(["evaluate", "--model", model, "--data", str(tmp_path / "no_caption.csv")], capsys, "no column 'caption'")
     (tmp_path / "all_bad.csv").write_text("image,caption\nmissing.png,a red circle\n")
     cli_fails(["evaluate", "--model", model, "--data", str(tmp_path / "all_bad.csv")], capsys, "no usable samples")
+
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
+
+
+def test_zero_shot_accuracy_on_a_labelled_index_file(files, tmp_path):
+    """``--label-column`` with class names gives top-1, top-5 and per-class accuracy of the user's own
+    labelled file, equal to a naive zero-shot classifier computed here."""
+    from polymodal.tasks import get_templates
+
+    cmd = [sys.executable, "-m", "polymodal", "evaluate", "--model", str(files["model"]), "--data", str(files["csv"])]
+    labels_file = tmp_path / "classes.txt"
+    labels_file.write_text("# the six shapes\n" + "\n".join(SHAPES) + "\n")
+    proc = subprocess.run(
+        [*cmd, "--label-column", "shape", "--labels-file", str(labels_file), "--json"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)["metrics"]
+
+    model = from_pretrained(files["model"]).eval()
+    tokenizer = get_tokenizer(model)
+    data = ShapesDataset("heldout", 24, 0, image_size=48, tokenizer=tokenizer, transform=get_preprocess(model, "image"))
+    batch = collate_samples([data[i] for i in range(len(data))])  # the very samples the file holds
+    templates = get_templates("simple_image")
+    with torch.no_grad():
+        image_emb = model.encode_image(batch.inputs["image"], normalize=True)
+        weights = []
+        for name in SHAPES:
+            emb = model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True).mean(0)
+            weights.append(emb / emb.norm())
+    scores = image_emb @ torch.stack(weights).T  # (24, 6)
+    truth = torch.tensor([SHAPES.index(m["shape"]) for m in batch.meta])
+    ranks = (scores >= scores.gather(1, truth[:, None])).sum(1)  # a tie counts against the true class
+    assert metrics["zeroshot/shape/top1"] == pytest.approx((ranks <= 1).float().mean().item())
+    assert metrics["zeroshot/shape/top5"] == pytest.approx((ranks <= 5).float().mean().item())
+    for c, name in enumerate(SHAPES):
+        rows = truth == c
+        if rows.any():
+            expected = (ranks[rows] == 1).float().mean().item()
+            assert metrics[f"zeroshot/shape/per_class/{name}"] == pytest.approx(expected), name
+    assert any(k.startswith("retrieval/text_to_image/") for k in metrics)  # retrieval is still reported
+
+    # the readable output, with --labels instead of a file
+    proc = subprocess.run(
+        [*cmd, "--label-column", "shape", "--labels", ",".join(SHAPES)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "zero-shot by shape:" in x)
+    assert f"top-1 {100 * metrics['zeroshot/shape/top1']:.1f}%" in line
+    assert f"top-5 {100 * metrics['zeroshot/shape/top5']:.1f}%" in line
+    assert "per-class top-1 by shape: circle" in proc.stdout
+
+    # labels in the file that are not among the class names: one line naming them
+    present = sorted({m["shape"] for m in batch.meta})
+    proc = subprocess.run(
+        [*cmd, "--label-column", "shape", "--labels", "circle,square"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    missing = [s for s in present if s not in ("circle", "square")]
+    assert (
+        line.startswith("error: ")
+        and f"column 'shape', holds labels that are not among the 2 class names: {missing}" in line
+    )
+
+
+def test_label_column_options_are_checked(files, capsys):
+    model, csv = str(files["model"]), str(files["csv"])
+    cli_fails(["evaluate", "--model", model, "--data", csv, "--labels", "a,b"], capsys, "need --label-column")
+    cli_fails(
+        ["evaluate", "--model", model, "--data", "shapes", "--label-column", "shape", "--labels", "a"],
+        capsys,
+        "give --data INDEX_FILE",
+    )
+    cli_fails(
+        ["evaluate", "--model", model, "--data", csv, "--label-column", "shape"], capsys, "exactly one of --labels"
+    )
+    cli_fails(
+        ["evaluate", "--model", model, "--data", csv, "--label-column", "kind", "--labels", "a,b"],
+        capsys,
+        "has no column 'kind'",
+    )

@@ -175,6 +175,11 @@ def test_bad_input_is_refused_and_nothing_is_written(files, built, tmp_path, cap
     cli_fails([*build, "--images", str(files["images"] / "000001.png"), str(tmp_path / "bad")], capsys, "fake.png")
     cli_fails([*build, "--images", str(files["images"]), "--eval"], capsys, "--eval needs a caption")
     cli_fails([*build, "--images", str(files["images"]), "--batch-size", "0"], capsys, "--batch-size")
+    short = tmp_path / "bad" / "short.csv"  # a row with a missing cell: named, not a crash
+    short.write_text(f"image,caption\n{files['images'] / '000001.png'},a thing\n{files['images'] / '000002.png'}\n")
+    cli_fails([*build, "--images", str(short)], capsys, "has 1 unreadable row(s), e.g. ")
+    cli_fails([*build, "--texts", str(short)], capsys, "short.csv line 3: 1 fields but the header has 2")
+    short.unlink()
     assert sorted(os.listdir(tmp_path)) == ["bad", "empty"]  # nothing half-written, no temporary directories
 
     # an existing --out is kept unless --overwrite

@@ -11,6 +11,7 @@ from polymodal import create_model, from_pretrained, get_preprocess, get_tokeniz
 from polymodal.cli import main
 from polymodal.datasets import colour_prompts, decode_image, write_synthetic
 from polymodal.tasks import ZeroShotClassifier
+from tests.helpers import cli_fails
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,75 @@ def test_bad_inputs_and_models_fail_clearly(random_model, heldout, tmp_path, cap
         == 2
     )
     assert "exactly one '{}'" in capsys.readouterr().err
+
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
+
+
+def test_accuracy_against_the_label_column_of_an_index_file(random_model, heldout):
+    """``--label-column``: top-1, top-5 and per-class accuracy of the user's own labelled file, equal to
+    a naive zero-shot classifier computed here; labels that are not class names are a one-line error."""
+    from polymodal.tasks import SIMPLE_IMAGE_TEMPLATES
+
+    index = heldout / "index.csv"
+    cmd = [sys.executable, "-m", "polymodal", "zeroshot", str(index), "--model", str(random_model)]
+    proc = subprocess.run(
+        [*cmd, "--labels", ",".join(SHAPES), "--label-column", "shape", "--json"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+
+    rows = _rows(index)
+    model = from_pretrained(random_model).eval()
+    tokenizer = get_tokenizer(model)
+    x = torch.stack([get_preprocess(model, "image")(decode_image(heldout / r["image"])) for r in rows])
+    with torch.no_grad():
+        image_emb = model.encode_image(x, normalize=True)
+        weights = []
+        for name in SHAPES:
+            emb = model.encode_text(tokenizer([t.format(name) for t in SIMPLE_IMAGE_TEMPLATES]), normalize=True)
+            weights.append(emb.mean(0) / emb.mean(0).norm())
+    scores = image_emb @ torch.stack(weights).T  # (40, 6)
+    truth = torch.tensor([SHAPES.index(r["shape"]) for r in rows])
+    ranks = (scores >= scores.gather(1, truth[:, None])).sum(1)  # a tie counts against the true class
+    acc = out["accuracy"]
+    assert acc["num_samples"] == len(rows) == 40
+    assert acc["top1"] == pytest.approx((ranks == 1).float().mean().item())
+    assert acc["top5"] == pytest.approx((ranks <= 5).float().mean().item())
+    for c, name in enumerate(SHAPES):
+        if (truth == c).any():
+            assert acc["per_class"][name] == pytest.approx((ranks[truth == c] == 1).float().mean().item()), name
+    assert [r["input"] for r in out["results"]] == [str(heldout / r["image"]) for r in rows]
+    assert [r["true_label"] for r in out["results"]] == [r["shape"] for r in rows]
+
+    proc = subprocess.run(
+        [*cmd, "--labels", ",".join(SHAPES), "--label-column", "shape"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"accuracy against column 'shape' (40 inputs): top-1 {100 * acc['top1']:.1f}%" in proc.stdout
+
+    proc = subprocess.run(
+        [*cmd, "--labels", "circle,square,star", "--label-column", "shape"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    missing = sorted({r["shape"] for r in rows} - {"circle", "square", "star"})
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and f"holds labels that are not among the 3 class names: {missing}" in line
+
+
+def test_label_column_needs_one_index_file(random_model, heldout, capsys):
+    model = str(random_model)
+    labels = ["--labels", ",".join(SHAPES)]
+    cli_fails(
+        ["zeroshot", str(heldout / "images"), "--model", model, *labels, "--label-column", "shape"],
+        capsys,
+        "--label-column reads one index file",
+    )
+    cli_fails(
+        ["zeroshot", str(heldout / "index.csv"), "--model", model, *labels, "--label-column", "kind"], capsys, "kind"
+    )
+    cli_fails(
+        ["zeroshot", str(heldout / "images"), "--model", model, *labels, "--input-column", "image"],
+        capsys,
+        "needs --label-column",
+    )

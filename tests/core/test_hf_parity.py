@@ -131,3 +131,30 @@ def test_models_hf_cannot_express_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="logit bias"):
         export_model(create_model("clip-vit-tiny", init_logit_bias=-10.0), tmp_path / "y", to="hf")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_hf_mapped_field_values_have_parity(tmp_path):
+    """Non-default values of the mapped fields: tanh-GELU variants, one input channel, attention dropout."""
+    cfg = small_hf_config(text_act="gelu_new", vision_act="gelu_pytorch_tanh")
+    cfg.vision_config.num_channels = 1
+    cfg.text_config.attention_dropout = cfg.vision_config.attention_dropout = 0.1
+    torch.manual_seed(0)
+    ref = perturbed(CLIPModel(cfg))
+    ref.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf").eval()
+    image, text = model.config.towers["image"].args, model.config.towers["text"].args
+    assert (image["act_layer"], text["act_layer"]) == ("gelu_tanh", "gelu_tanh")
+    assert (image["in_chans"], image["attn_drop"], text["attn_drop"]) == (1, 0.1, 0.1)
+    pixels, ids = torch.randn(2, 1, 48, 48), text_ids(999)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_image(pixels), features(ref.get_image_features(pixel_values=pixels)), rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(
+            model.encode_text(ids), features(ref.get_text_features(input_ids=ids)), rtol=0, atol=1e-5
+        )
+    # exported back, transformers reads the same field values
+    export_model(model, tmp_path / "back", to="hf")
+    back = CLIPConfig.from_pretrained(tmp_path / "back")
+    assert (back.vision_config.num_channels, back.text_config.attention_dropout) == (1, 0.1)
+    assert back.text_config.hidden_act == "gelu_pytorch_tanh"

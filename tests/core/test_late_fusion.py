@@ -64,3 +64,61 @@ def test_from_config_and_round_trip(tmp_path):
     again = from_pretrained(tmp_path / "clf").eval()
     assert isinstance(again, LateFusionClassifier)
     torch.testing.assert_close(again(**x).logits, model(**x).logits, rtol=0, atol=0)
+
+
+def padded_text(extra: int = 0) -> torch.Tensor:
+    """CLIP-style ids (start, words, end of text = the highest id) with zero padding, ``extra`` more of it."""
+    text = torch.zeros(4, 8 + extra, dtype=torch.long)
+    for i, n in enumerate((2, 3, 5, 6)):
+        text[i, 0] = 98
+        text[i, 1 : n + 1] = torch.randint(1, 90, (n,), generator=torch.Generator().manual_seed(i))
+        text[i, n + 1] = 99
+    return text
+
+
+@pytest.mark.parametrize(
+    "query, context, bidirectional",
+    [("image", "text", False), ("text", "image", False), ("image", "text", True)],
+)
+def test_cross_attention_fusion_ignores_text_padding(query, context, bidirectional):
+    """The classifier passes the text tower's padding mask to token fusion: padding is neither attended
+    to nor pooled, so more of it leaves the logits unchanged."""
+    cfg = ModelConfig(
+        name="token-fusion",
+        kind="late_fusion",
+        num_classes=3,
+        towers={
+            "image": ComponentConfig("vit", dict(image_size=32, patch_size=8, width=32, layers=1, heads=2)),
+            "text": ComponentConfig(
+                "text_transformer",
+                dict(vocab_size=100, context_length=16, width=32, layers=1, heads=2, output_dim=None),
+            ),
+        },
+        fusion=ComponentConfig(
+            "cross_attention",
+            dict(
+                query_modality=query,
+                context_modality=context,
+                dim=32,
+                heads=2,
+                layers=2,
+                bidirectional=bidirectional,
+                input_dims={"image": 32, "text": 32},
+            ),
+        ),
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        short = model(image=image, text=padded_text()).logits
+        long = model(image=image, text=padded_text(extra=8)).logits
+        # the padded positions do carry features, so without the mask the logits would move
+        unmasked = model.fusion(
+            {
+                "image": model.towers["image"].forward_features(image),
+                "text": model.towers["text"].forward_features(padded_text(extra=8)),
+            }
+        )
+    torch.testing.assert_close(long, short, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model.head(unmasked.pooled), short, atol=1e-4)

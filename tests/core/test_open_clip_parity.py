@@ -73,6 +73,7 @@ def test_round_trip_polymodal_open_clip_polymodal(tmp_path, image_tower):
             "modified_resnet",
             {"layers": [1, 1, 1, 1], "width": 16, "heads": 4, "image_size": 64, "output_dim": 128},
         )
+        cfg.preprocess.image_size = None  # the tower's image_size is the one fact
         name = cfg
     model = create_model(name, pretrained=None).eval()
     perturbed(model)

@@ -11,8 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from polymodal.datasets.pairs import AudioTextDataset, ImageTextDataset, read_index
-from polymodal.datasets.samples import Batch, SkippedSample, collate_samples
+from polymodal.datasets.samples import Batch, SkipBudget, SkipBudgetExceeded, SkippedSample, collate_samples
 from polymodal.encoders import CLIPTokenizer, image_transform
+from polymodal.errors import InputError
 
 CONTEXT = 8
 
@@ -74,27 +75,84 @@ def test_read_index_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.csv"):
         read_index(tmp_path / "nothing.csv")
 
-    bad_json = tmp_path / "bad.jsonl"
-    bad_json.write_text('{"image": "a.png", "caption": "ok"}\n\n{"image": "b.png", caption: oops}\n')
-    with pytest.raises(ValueError, match="line 3: not valid JSON"):
-        read_index(bad_json)
-    not_object = tmp_path / "list.jsonl"
-    not_object.write_text('{"image": "a.png"}\n["b.png", "dog"]\n')
-    with pytest.raises(ValueError, match="line 2: expected a JSON object, got list"):
-        read_index(not_object)
-
     csv_path = tmp_path / "index.csv"
     csv_path.write_text("image,text,label\na.png,cat,1\n")
-    with pytest.raises(ValueError, match=r"no column 'caption'; its columns are \['image', 'text', 'label'\]"):
+    with pytest.raises(InputError, match=r"no column 'caption'; its columns are \['image', 'text', 'label'\]"):
         read_index(csv_path, required_columns=("image", "caption"))
-    ragged = tmp_path / "ragged.csv"
-    ragged.write_text("image,caption\na.png,cat\nb.png,a dog, unquoted comma\n")
-    with pytest.raises(ValueError, match="line 3: 3 fields but the header has 2"):
-        read_index(ragged)
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    with pytest.raises(ValueError, match="is empty"):
+    with pytest.raises(InputError, match="is empty"):
         read_index(empty)
+
+
+def test_malformed_rows_are_skipped_samples_naming_the_line(tmp_path):
+    # They used to refuse the whole file, although one bad row should cost one sample.
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"image": "a.png", "caption": "ok"}\n\n{"image": "b.png", caption: oops}\n["b.png"]\n')
+    good, broken, listed = read_index(bad_json, required_columns=("image", "caption"))
+    assert good == {"image": "a.png", "caption": "ok"}
+    assert broken == SkippedSample(
+        "malformed_row", f"{bad_json} line 3: not valid JSON (Expecting property name enclosed in double quotes)"
+    )
+    assert listed == SkippedSample("malformed_row", f"{bad_json} line 4: expected a JSON object, got list")
+
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("image,caption\na.png,cat\nb.png,a dog, unquoted comma\nc.png\n\nd.png,\n")
+    rows = read_index(ragged)
+    assert rows[0] == {"image": "a.png", "caption": "cat"} and rows[3] == {"image": "d.png", "caption": None}
+    assert rows[1].reason == rows[2].reason == "malformed_row"
+    assert rows[1].detail == (
+        f"{ragged} line 3: 3 fields but the header has 2 (['image', 'caption']); "
+        "quote fields that contain the delimiter"
+    )
+    assert rows[2].detail.startswith(f"{ragged} line 4: 1 fields but the header has 2")
+    only_bad = tmp_path / "only_bad.jsonl"
+    only_bad.write_text("not json\n")
+    with pytest.raises(InputError, match="no column 'image', 'caption'; its columns are \\[\\]"):
+        read_index(only_bad, required_columns=("image", "caption"))
+
+
+def test_bad_rows_and_bad_mentions_are_skipped_and_the_budget_stops_a_mostly_bad_file(tmp_path, tokenizer):
+    _save(Image.new("RGB", (8, 8), (0, 255, 0)), tmp_path / "g.png")
+    lines = [
+        "image,caption,mentions",
+        'g.png,a green square,"[""colour""]"',
+        "g.png,short row",  # a cell missing
+        "g.png,extra,cells,here",
+        "g.png,,",  # empty caption
+        "g.png,bad mentions,not json",
+        'g.png,mentions of numbers,"[1, 2]"',
+        "g.png,no mentions,",
+    ]
+    (tmp_path / "index.csv").write_text("\n".join(lines) + "\n")
+    dataset = ImageTextDataset(tmp_path / "index.csv", image_transform(8, False), tokenizer)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert len(items) == 7
+    assert items[0]["meta"]["mentions"] == '["colour"]' and items[6]["meta"]["mentions"] is None
+    reasons = [item.reason if isinstance(item, SkippedSample) else None for item in items]
+    assert reasons == [
+        None,
+        "malformed_row",
+        "malformed_row",
+        "missing_caption",
+        "malformed_row",
+        "malformed_row",
+        None,
+    ]
+    assert (
+        items[4].detail
+        == f"{tmp_path / 'index.csv'} row 4: 'mentions' must be a list of attribute names (JSON), got 'not json'"
+    )
+
+    budget = SkipBudget(max_fraction=0.5, min_samples=4, log_interval=None, source="index.csv", knob="data.skip_budget")
+    with pytest.raises(SkipBudgetExceeded) as info:
+        budget.update(collate_samples(items))
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, InputError)
+    assert message.startswith(
+        "index.csv: 71.4% of 7 samples were skipped, over the budget of 50% (raise data.skip_budget"
+    )
+    assert "malformed_row 4 (e.g. " in message and "line 3: 2 fields but the header has 3" in message
 
 
 # ------------------------------------------------------------------------------- ImageTextDataset

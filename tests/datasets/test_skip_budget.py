@@ -9,12 +9,14 @@ import torch
 from polymodal.datasets.samples import (
     Batch,
     SkipBudget,
+    SkipBudgetExceeded,
     SkipLogger,
     SkippedSample,
     TooManyBadSamples,
     collate_samples,
     log_skips,
 )
+from polymodal.errors import InputError
 
 
 def _item(i: int) -> dict:
@@ -101,8 +103,12 @@ def test_budget_raises_naming_the_commonest_reasons():
             collate_samples([SkippedSample("corrupt_image", "x")] * 60 + [SkippedSample("empty_caption", "")] * 40)
         )
     message = str(info.value)
-    assert message == "12.5% of 800 samples were skipped (budget 10%): corrupt_image 60, empty_caption 40"
-    assert isinstance(info.value, RuntimeError)
+    assert message == (
+        "the data: 12.5% of 800 samples were skipped, over the budget of 10% (raise max_fraction to allow more): "
+        "corrupt_image 60 (e.g. x), empty_caption 40"
+    )
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, InputError)
+    assert TooManyBadSamples is SkipBudgetExceeded  # the former name still catches it
     summary = budget.summary()
     assert summary["seen"] == 800 and summary["skipped"] == 100
     assert summary["by_reason"] == {"corrupt_image": 60, "empty_caption": 40}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import tarfile
 import time
@@ -398,6 +399,20 @@ def test_write_tones_wds(tmp_path):
             np.testing.assert_allclose(audio, sample.audio, atol=1.5 / 32768)
             seen.append(int(key))
     assert seen == list(range(5))
+
+
+def test_written_folders_get_the_permissions_of_a_plain_mkdir(tmp_path):
+    # The folder was a renamed tempfile.mkdtemp, readable by its owner only (0o700).
+    mask = os.umask(0o022)
+    try:
+        out = write_synthetic("shapes", tmp_path / "shared", n=2, format="wds", progress=False)
+        index = write_synthetic("shapes", tmp_path / "shared_csv", n=2, progress=False)
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert index.parent.stat().st_mode & 0o777 == 0o755 and (index.parent / "images").stat().st_mode & 0o777 == 0o755
+    assert (out / "shard-000000.tar").stat().st_mode & 0o777 == index.stat().st_mode & 0o777 == 0o644
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
 def test_write_tones_csv_and_shapes_wds(tmp_path):

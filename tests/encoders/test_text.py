@@ -133,3 +133,41 @@ def test_lock_with_unlocked_layers():
         "norm.bias",
         "proj.weight",
     }
+
+
+def test_eos_pooling_reads_the_first_eos_and_ignores_what_follows():
+    """``pool_type="eos"`` (MetaCLIP-2, open_clip ``pool_type: eos``) pools the FIRST ``eos_token_id``, which
+    need not be the highest id; a row without one pools its last position."""
+    m = tiny_text(pool_type="eos", eos_token_id=5).eval()
+    t = torch.tensor(
+        [
+            [1, 60, 70, 5, 0, 0, 0, 0],  # ids above the eos id: argmax would pick position 2
+            [1, 5, 80, 5, 0, 0, 0, 0],  # two eos ids: the first counts
+            [1, 60, 70, 80, 90, 30, 20, 10],  # none: the last position
+        ]
+    )
+    tokens = m.forward_features(t)
+    naive = []
+    for b in range(t.shape[0]):
+        hits = [i for i, v in enumerate(t[b].tolist()) if v == 5]
+        naive.append(tokens[b, hits[0] if hits else t.shape[1] - 1])
+    torch.testing.assert_close(m(t), m.proj(torch.stack(naive)))
+    # padding or any tokens after the first eos cannot change the embedding (causal), nor can appended padding
+    changed = t.clone()
+    changed[:2, 4:] = 77
+    torch.testing.assert_close(m(changed[:2]), m(t[:2]))
+    torch.testing.assert_close(m(torch.cat([t[:2], torch.zeros(2, 8, dtype=torch.long)], 1)), m(t[:2]))
+
+
+@pytest.mark.parametrize("pool_type", ["argmax", "eos"])
+def test_exports_with_dynamic_batch_and_length(pool_type):
+    """The length cut-off reads the data, so a traced program runs the whole input instead: the same
+    embedding for ids shorter than the context and batches of another size."""
+    from torch.export import Dim
+
+    m = tiny_text(pool_type=pool_type, eos_token_id=99).eval()
+    dims = ({0: Dim("batch", min=1, max=64), 1: Dim("length", min=2, max=16)},)
+    program = torch.export.export(m, (ids(3, 16),), dynamic_shapes=dims, strict=False).module()
+    with torch.no_grad():
+        for x in (ids(3, 16), ids(2, 9), ids(5, 12), ids(1, 4)[:, :2]):
+            torch.testing.assert_close(program(x), m(x), rtol=1e-5, atol=1e-6)

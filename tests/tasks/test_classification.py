@@ -14,8 +14,8 @@ from polymodal.tasks import (
     extract_features,
     fit_linear_probe,
     split_validation,
-    train_classifier,
 )
+from polymodal.train.classifier import train_classifier
 from tests.helpers import assert_all_params_get_grad
 
 
@@ -61,17 +61,6 @@ def test_frozen_encoder_stays_frozen_and_in_eval_mode():
     torch.testing.assert_close(model.features(x), encoder.proj(x))  # dropout off: eval mode
     F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
     assert model.head.weight.grad is not None and encoder.proj.weight.grad is None
-    groups = model.param_groups(head_lr=1e-2, encoder_lr=1e-4, weight_decay=0.1)
-    assert {id(p) for g in groups for p in g["params"]} == {id(model.head.weight), id(model.head.bias)}
-
-
-def test_param_groups_split_head_and_encoder_learning_rates():
-    model = ClassificationHead(StubEncoder(), 3)
-    groups = model.param_groups(head_lr=1e-2, encoder_lr=1e-4, weight_decay=0.05)
-    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
-    assert lr_of[id(model.head.weight)] == (1e-2, 0.05) and lr_of[id(model.head.bias)] == (1e-2, 0.0)
-    assert lr_of[id(model.encoder.proj.weight)] == (1e-4, 0.05) and lr_of[id(model.encoder.proj.bias)] == (1e-4, 0.0)
-    assert len(lr_of) == len(list(model.parameters()))
 
 
 def test_head_rejects_bad_arguments():
@@ -174,16 +163,6 @@ def test_train_and_evaluate_a_head_over_a_frozen_encoder():
     result = evaluate_classifier(model, DataLoader(TensorDataset(x[500:], y[500:]), batch_size=64), ["a", "b", "c"])
     assert result.top1 > 0.95 and result.num_samples == 100
     assert model.training  # evaluate_classifier restores the flags it found
-
-
-def test_train_classifier_rejects_exhausted_batches_and_bad_settings():
-    model = ClassificationHead(StubEncoder(), 2)
-    with pytest.raises(ValueError, match="no labelled samples in a whole pass"):
-        train_classifier(model, [], steps=3, progress=False)
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
-        train_classifier(model, [(torch.randn(2, 6), torch.tensor([0, 1]))], steps=0, progress=False)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        train_classifier(model, [(torch.randn(2, 6), torch.tensor([0, 1]))], steps=1, label_smoothing=1.0)
 
 
 # ---------------------------------------------------------------------------------------- linear probe

@@ -14,6 +14,7 @@ from polymodal.encoders.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from polymodal.tasks.plots import (
     CORRECT_COLOR,
     INCORRECT_COLOR,
+    curves_figure,
     metric_group,
     plot_confusion,
     plot_curves,
@@ -59,6 +60,49 @@ def test_plot_curves_from_records(tmp_path):
     pixels = open_png(out)
     assert pixels.std() > 10  # something was drawn
     assert_only(tmp_path, "curves.png")
+
+
+def _axes_by_title(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+
+
+def test_a_single_evaluation_is_drawn_as_labelled_values_not_as_a_line():
+    """An evaluation that ran once is one number: a bar labelled with its value and step, never a
+    one-point "curve" on a meaningless axis."""
+    rows = [{"step": i, "train/loss": 2.0 / (i + 1)} for i in range(600)]
+    rows.append({"step": 600, "zeroshot/shape/top1": 0.959, "zeroshot/colour/top1": 0.997})
+    rows.append({"step": 600, "retrieval/text_to_image/R@1": 0.771})
+    axes = _axes_by_title(curves_figure(rows))
+    assert set(axes) == {"loss", "accuracy (one evaluation)", "recall (one evaluation)"}
+    acc = axes["accuracy (one evaluation)"]
+    assert len(acc.lines) == 0  # no Line2D at all
+    assert sorted(bar.get_width() for bar in acc.patches) == pytest.approx([0.959, 0.997])
+    labels = sorted(t.get_text().strip() for t in acc.texts)
+    assert labels == ["0.959 at step 600", "0.997 at step 600"]
+    assert [t.get_text() for t in acc.get_yticklabels()] == ["zeroshot/colour/top1", "zeroshot/shape/top1"]
+    recall = axes["recall (one evaluation)"]
+    assert [b.get_width() for b in recall.patches] == pytest.approx([0.771])
+    assert [t.get_text().strip() for t in recall.texts] == ["0.771 at step 600"]
+    # the dense loss stays a plain line through all 600 points
+    (loss,) = axes["loss"].lines
+    assert len(loss.get_xdata()) == 600
+
+
+def test_repeated_evaluations_are_lines_with_markers():
+    rows = [{"step": s, "val/top1": v, "val/text_to_image/R@1": v / 2} for s, v in [(100, 0.5), (300, 0.8), (600, 0.9)]]
+    rows.append({"step": 600, "val/top5": 0.99})  # logged once next to a series: one labelled marker
+    axes = _axes_by_title(curves_figure(rows))
+    acc = axes["accuracy"]
+    series = {line.get_label(): line for line in acc.lines}
+    top1 = series["val/top1"]
+    assert list(top1.get_xdata()) == [100, 300, 600] and list(top1.get_ydata()) == [0.5, 0.8, 0.9]
+    assert top1.get_marker() == "o" and top1.get_linestyle() == "-"
+    once = series["val/top5"]
+    assert list(once.get_xdata()) == [600] and once.get_linestyle() == "None" and once.get_marker() == "D"
+    assert [t.get_text() for t in acc.texts] == ["0.99 at step 600"]
+    assert len(acc.patches) == 0
+    (recall,) = axes["recall"].lines
+    assert recall.get_marker() == "o" and len(recall.get_xdata()) == 3
 
 
 def test_plot_curves_from_jsonl_skips_a_partial_line(tmp_path):

@@ -1,0 +1,310 @@
+"""Attention, the MLP and the transformer blocks: the one home of attention in polymodal.
+
+Every attention in the project is this ``Attention``: the encoders' self-attention, the fusion's
+cross-attention, the caption decoder's cached self-attention and its cross-attention to image tokens,
+and CLIP's ResNet attention pool. Projections are plain ``nn.Linear`` (fused qkv for self-attention, q
+and a fused kv for cross-attention) so adapters can wrap them and checkpoints map onto them one to one;
+the product goes through ``F.scaled_dot_product_attention``, so each call runs the fastest kernel
+available on CPU and CUDA and exports with ``torch.export``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+def mlp_hidden_dim(dim: int, mlp_ratio: float) -> int:
+    """The hidden width of every block's MLP.
+
+    Rounded rather than truncated: a ratio read back from a checkpoint (``hidden / dim``, a float
+    such as 3.7362) must give the checkpoint's hidden width again, which truncation can miss by one.
+    """
+    return round(dim * mlp_ratio)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention over ``x``, or with ``cross=True`` queries of ``x`` over a context.
+
+    Masks are boolean (True = attend) and broadcast to ``(B, heads, N, M)``; a key padding mask
+    ``(B, M)`` becomes ``mask[:, None, None, :]``.
+
+    Args:
+        dim: token width (of queries, keys and values alike).
+        num_heads: attention heads; ``dim`` must divide by it.
+        qkv_bias: bias in the query, key and value projections.
+        attn_drop: dropout on the attention weights in training.
+        proj_drop: dropout after the output projection.
+        cross: separate query (``q``) and fused key/value (``kv``) projections instead of one fused ``qkv``.
+        out_dim: width of the output projection; ``None`` keeps ``dim``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        cross: bool = False,
+        out_dim: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} must be divisible by the number of heads {num_heads}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **factory)
+        else:
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
+        self.proj = nn.Linear(dim, out_dim or dim, **factory)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _split_heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        B, N, _ = x.shape
+        x = x.view(B, N, parts, self.num_heads, self.head_dim)
+        return x.permute(2, 0, 3, 1, 4).unbind(0)  # parts x (B, heads, N, head_dim)
+
+    def _slice(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.qkv.bias[start:stop] if self.qkv.bias is not None else None
+        return self.qkv.weight[start:stop], bias
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries ``(B, heads, N, head_dim)`` of ``x (B, N, dim)``, alone (e.g. of a few positions only)."""
+        q = self.q(x) if self.cross else F.linear(x, *self._slice(0, self.dim))
+        return self._split_heads(q, 1)[0]
+
+    def keys_values(self, source: torch.Tensor) -> KeyValue:
+        """Keys and values ``2 x (B, heads, M, head_dim)`` of ``source (B, M, dim)``, e.g. to compute once and reuse."""
+        kv = self.kv(source) if self.cross else F.linear(source, *self._slice(self.dim, 3 * self.dim))
+        k, v = self._split_heads(kv, 2)
+        return k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Attention of heads ``q (B, heads, N, head_dim)`` over ``k, v``, merged and projected: ``(B, N, out_dim)``."""
+        x = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal and attn_mask is None,
+            dropout_p=self.attn_drop if self.training else 0.0,
+        )  # (B, heads, N, head_dim)
+        B, _, N, _ = x.shape
+        x = x.transpose(1, 2).reshape(B, N, self.dim)  # (B, N, dim)
+        return self.proj_drop(self.proj(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Attend ``x (B, N, dim)`` over itself, or over ``context (B, M, dim)`` for cross-attention."""
+        if self.cross != (context is not None):
+            kind = "cross-attention needs" if self.cross else "self-attention takes no"
+            raise ValueError(f"{type(self).__name__}: {kind} context")
+        if self.cross:
+            q, (k, v) = self.queries(x), self.keys_values(context)
+        else:
+            q, k, v = self._split_heads(self.qkv(x), 3)  # one matmul for all three
+        return self.attend(q, k, v, attn_mask, is_causal)
+
+    def forward_cached(self, x: torch.Tensor, past: KeyValue | None = None) -> tuple[torch.Tensor, KeyValue]:
+        """Causal self-attention of ``x (B, T, dim)`` placed after the ``P`` positions cached in ``past``.
+
+        Returns the output ``(B, T, out_dim)`` and the keys and values of all ``P + T`` positions, the
+        cache for the next step of incremental decoding.
+        """
+        if self.cross:
+            raise ValueError(f"{type(self).__name__}: a key/value cache extends self-attention only")
+        q, k, v = self._split_heads(self.qkv(x), 3)  # 3 x (B, heads, T, head_dim)
+        mask, causal = None, True
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, heads, P + T, head_dim)
+            v = torch.cat([past[1], v], dim=2)
+            P, T = past[0].shape[2], x.shape[1]
+            causal = False  # SDPA's is_causal aligns the diagonal top-left, which is wrong with a cache
+            if T > 1:  # query i sits at position P + i and sees keys 0 .. P + i
+                mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+        return self.attend(q, k, v, mask, causal), (k, v)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, device=device, dtype=dtype)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_dim, dim, device=device, dtype=dtype)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        ls_init_value: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim).to(**factory)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, **factory)
+        self.ls1 = LayerScale(dim, ls_init_value, **factory) if ls_init_value else nn.Identity()
+        self.norm2 = norm_layer(dim).to(**factory)
+        self.mlp = Mlp(dim, mlp_hidden_dim(dim, mlp_ratio), act_layer=act_layer, drop=drop, **factory)
+        self.ls2 = LayerScale(dim, ls_init_value, **factory) if ls_init_value else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention block: ``x + attn(norm_q(x), norm_kv(context))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.norm_q = norm_layer(dim).to(**factory)
+        self.norm_kv = norm_layer(dim).to(**factory)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, cross=True, **factory)
+        self.norm2 = norm_layer(dim).to(**factory)
+        self.mlp = Mlp(dim, mlp_hidden_dim(dim, mlp_ratio), act_layer=act_layer, drop=drop, **factory)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x (B, N, dim)`` over ``context (B, M, dim)``; ``key_padding_mask (B, M)``: True = attend."""
+        mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None  # (B, 1, 1, M)
+        x = x + self.attn(self.norm_q(x), self.norm_kv(context), attn_mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm self-attention blocks with optional gradient checkpointing."""
+
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        ls_init_value: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.width = width
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList(
+            Block(
+                width,
+                heads,
+                mlp_ratio,
+                qkv_bias,
+                act_layer,
+                norm_layer,
+                ls_init_value,
+                drop,
+                attn_drop,
+                device=device,
+                dtype=dtype,
+            )
+            for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x
+
+
+def init_transformer_(transformer: Transformer) -> None:
+    """CLIP-style initialisation: residual projections scaled down with depth."""
+    width, layers = transformer.width, max(len(transformer.blocks), 1)
+    attn_std = width**-0.5
+    proj_std = attn_std * (2 * layers) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for block in transformer.blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+        nn.init.normal_(block.attn.proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+        nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+        for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
