@@ -19,6 +19,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from machine import describe_machine
 from transformers import CLIPModel
 
 import polymodal
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

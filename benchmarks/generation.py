@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from machine import describe_machine
 
 from polymodal.tasks.captioning import CaptionDecoder, beam_search, greedy_search
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import describe_machine
 
 from polymodal.tasks import exact_search
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--query-chunk-size", type=int, default=1024, help="polymodal: queries scored at once")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all)")
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 

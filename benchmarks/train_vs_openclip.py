@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe_machine
 
 # open_clip's registry name for the architecture of polymodal's clip-vit-tiny.
 OPEN_CLIP_NAME = "polymodal-clip-vit-tiny"
@@ -340,6 +341,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--workdir", type=Path, default=None, help="keep data and runs here (default: a temp dir)")
     args = parser.parse_args()
+    print(describe_machine(), flush=True)
     for flag, value, least in (
         ("--train-size", args.train_size, 1),
         ("--eval-size", args.eval_size, 1),

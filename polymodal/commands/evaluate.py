@@ -110,7 +110,7 @@ def data_section(args: argparse.Namespace):
         "caption_key": args.caption_key,
     }
     cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
-    if cfg.eval_size < 1:
+    if cfg.eval_size is not None and cfg.eval_size < 1:
         raise CommandError(f"--eval-size must be at least 1, got {cfg.eval_size}")
     return cfg
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from polymodal.datasets import collate_samples
     from polymodal.factory import get_preprocess, get_tokenizer
     from polymodal.tasks import evaluate_contrastive, format_metrics
-    from polymodal.train.data import build_datasets
+    from polymodal.train import build_datasets
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -201,9 +201,8 @@ def run(args: argparse.Namespace) -> int:
     if classes is not None:
         with torch.inference_mode():
             metrics.update(_label_metrics(args, model, tokenizer, embedded, modality, classes, device))
-    where = (
-        cfg.eval if cfg.source not in BUILTIN else f"built-in {cfg.source}, {cfg.eval_size} held-out, seed {cfg.seed}"
-    )
+    n_held = cfg.generated_size("eval_size")
+    where = cfg.eval if cfg.source not in BUILTIN else f"built-in {cfg.source}, {n_held} held-out, seed {cfg.seed}"
     result = {"model": str(args.model), "data": where, "samples": len(embedded), "metrics": metrics}
     if out is not None:
         _write_outputs(out, result, embedded, data, model, modality)

@@ -50,7 +50,7 @@ def _device(name: str) -> torch.device:
 def _validation_set(task: ClassifyTask, data, val_size: int):
     """``val_size`` samples drawn like the held-out split, after the ones that are scored."""
     cfg = task.cfg
-    eval_size = cfg.data.eval_size
+    eval_size = cfg.data.generated_size("eval_size")  # probe.val=heldout is built-in data only
     data_cfg = dataclasses.replace(cfg.data, eval_size=eval_size + val_size)
     longer = dataclasses.replace(cfg, data=data_cfg)
     tf = getattr(data.eval, "transform", None)

@@ -48,6 +48,10 @@ class ModelSection:
     compile: bool = False
 
 
+# What the built-in data generates when data.train_size / data.eval_size are unset.
+GENERATED_SIZES = {"train_size": 20000, "eval_size": 1000}
+
+
 @dataclass
 class DataSection:
     """Where pairs come from.
@@ -57,8 +61,9 @@ class DataSection:
             CSV, TSV or JSONL) or ``"wds"`` (WebDataset shards).
         train: index path or shard URLs for ``csv`` / ``wds``.
         eval: held-out index path or shard URLs; the built-in data has its own held-out split.
-        train_size: number of generated training pairs (built-in data).
-        eval_size: number of generated held-out pairs (built-in data).
+        train_size: training pairs: how many the built-in data generates (unset: 20,000), or how
+            many rows of an index file (``csv``) to keep, drawn at random (unset: all).
+        eval_size: held-out pairs, likewise (unset: 1,000 generated, or every row of the index).
         image_key, audio_key, caption_key: column (or member) names.
         batch_size: global batch size, split evenly over ranks.
         num_workers: DataLoader worker processes per rank. The default, 0, loads in the training
@@ -76,8 +81,8 @@ class DataSection:
     source: str = "shapes"
     train: str | None = None
     eval: str | None = None
-    train_size: int = 20000
-    eval_size: int = 1000
+    train_size: int | None = None
+    eval_size: int | None = None
     image_key: str = "image"
     audio_key: str = "audio"
     caption_key: str = "caption"
@@ -88,6 +93,11 @@ class DataSection:
     epoch_samples: int | None = None
     augment: bool = False
     builtin: dict[str, Any] = field(default_factory=dict)
+
+    def generated_size(self, name: str) -> int:
+        """How many pairs the built-in data generates for ``name`` (``"train_size"`` or ``"eval_size"``)."""
+        value = getattr(self, name)
+        return GENERATED_SIZES[name] if value is None else value
 
 
 @dataclass
@@ -231,8 +241,8 @@ class TrainConfig:
             ),
             (d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}"),
             (d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
-            (d.train_size > 0, f"data.train_size must be positive, got {d.train_size}"),
-            (d.eval_size >= 0, f"data.eval_size must be >= 0, got {d.eval_size}"),
+            (d.train_size is None or d.train_size > 0, f"data.train_size must be positive, got {d.train_size}"),
+            (d.eval_size is None or d.eval_size >= 0, f"data.eval_size must be >= 0, got {d.eval_size}"),
             (0 <= d.skip_budget <= 1, f"data.skip_budget must lie in [0, 1], got {d.skip_budget}"),
             (
                 d.epoch_samples is None or d.epoch_samples > 0,

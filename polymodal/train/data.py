@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ __all__ = [
     "build_datasets",
     "make_loader",
     "mix_seed",
-    "requested_size",
     "select_rows",
 ]
 
@@ -102,14 +100,6 @@ def _check_builtin_options(cls: type, options: dict[str, Any]) -> None:
         )
 
 
-def requested_size(cfg: DataSection, name: str) -> int | None:
-    """``data.train_size`` / ``data.eval_size`` when the config sets it, ``None`` when it is left at the
-    default (which sizes the built-in data and says nothing about an index file's rows)."""
-    default = next(f.default for f in dataclasses.fields(DataSection) if f.name == name)
-    value = getattr(cfg, name)
-    return None if value == default else value
-
-
 def select_rows(dataset, size: int | None, seed: int, role: str, key: str):
     """Keep ``size`` rows of an index dataset, drawn at random from ``seed``; all of them for ``None``.
 
@@ -152,11 +142,13 @@ def build_datasets(
             raise ConfigError(f"the built-in shapes are square, but the model takes {height}x{width} images")
         options = {"image_size": height, "tokenizer": tokenizer, **cfg.builtin}
         train = (
-            pd.ShapesDataset("train", cfg.train_size, cfg.seed, transform=train_transform, **options)
+            pd.ShapesDataset("train", cfg.generated_size("train_size"), cfg.seed, transform=train_transform, **options)
             if with_train
             else None
         )
-        held = pd.ShapesDataset("heldout", cfg.eval_size, cfg.seed, transform=eval_transform, **options)
+        held = pd.ShapesDataset(
+            "heldout", cfg.generated_size("eval_size"), cfg.seed, transform=eval_transform, **options
+        )
         return RunData(
             train, held, ("image", "text"), {"shape": pd.shape_prompts(), "colour": pd.colour_prompts()}, "unseen"
         )
@@ -168,8 +160,8 @@ def build_datasets(
             "tokenizer": tokenizer,
             **cfg.builtin,
         }
-        train = pd.TonesDataset("train", cfg.train_size, cfg.seed, **options) if with_train else None
-        held = pd.TonesDataset("heldout", cfg.eval_size, cfg.seed, **options)
+        train = pd.TonesDataset("train", cfg.generated_size("train_size"), cfg.seed, **options) if with_train else None
+        held = pd.TonesDataset("heldout", cfg.generated_size("eval_size"), cfg.seed, **options)
         return RunData(train, held, ("audio", "text"), pd.tone_prompts(), "unseen")
     modality = model_config.query_modality
     spec = model_config.input_spec(modality)
@@ -190,7 +182,7 @@ def build_datasets(
                     caption_key=cfg.caption_key,
                 )
             key = f"{role}_size"
-            return select_rows(dataset, requested_size(cfg, key), cfg.seed, role, key)
+            return select_rows(dataset, getattr(cfg, key), cfg.seed, role, key)
 
         return RunData(
             make(cfg.train, train_transform, "train") if with_train else None,
@@ -200,7 +192,7 @@ def build_datasets(
             None,
         )
     for key in ("train_size", "eval_size"):
-        if requested_size(cfg, key) is not None:
+        if getattr(cfg, key) is not None:
             raise ConfigError(
                 f"data.{key} does not apply to streamed shards (data.source=wds); "
                 "set data.epoch_samples for the samples an epoch takes"

@@ -313,8 +313,12 @@ def claims_datasets(cfg, base_config: ModelConfig, tokenizer, train_tf, eval_tf)
     if "image" in base_config.towers:  # images drawn at the size the tower takes; else the generator's own
         height, width = base_config.input_spec("image").image_size
         options.setdefault("image_size", height if height == width else (height, width))
-    train = ShapeClaimsDataset("train", cfg.data.train_size, cfg.data.seed, transform=train_tf, **options)
-    held = ShapeClaimsDataset("heldout", cfg.data.eval_size, cfg.data.seed, transform=eval_tf, **options)
+    train = ShapeClaimsDataset(
+        "train", cfg.data.generated_size("train_size"), cfg.data.seed, transform=train_tf, **options
+    )
+    held = ShapeClaimsDataset(
+        "heldout", cfg.data.generated_size("eval_size"), cfg.data.seed, transform=eval_tf, **options
+    )
     return train, held
 
 

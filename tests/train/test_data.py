@@ -112,11 +112,23 @@ def test_csv_train_and_eval_size_keep_a_seeded_random_choice_of_rows(tmp_path):
 
     with pytest.raises(ConfigError, match=r"data.train_size is 31, but .*index.csv has 30 rows; expected at most 30"):
         _build({"source": "csv", "train": index, "train_size": 31})
+    # A size equal to the built-in data's default is still a request, not "unset".
+    with pytest.raises(ConfigError, match=r"data.eval_size is 1000, but .*index.csv has 30 rows"):
+        _build({"source": "csv", "train": index, "eval": index, "eval_size": 1000})
+    with pytest.raises(ConfigError, match=r"data.train_size is 20000, but .*index.csv has 30 rows"):
+        _build({"source": "csv", "train": index, "train_size": 20000})
 
 
 def test_streamed_shards_refuse_train_and_eval_size(tmp_path):
     with pytest.raises(ConfigError, match=r"data.eval_size does not apply to streamed shards .*data.epoch_samples"):
         _build({"source": "wds", "train": str(tmp_path / "s-{0..1}.tar"), "epoch_samples": 8, "eval_size": 10})
+    with pytest.raises(ConfigError, match=r"data.train_size does not apply to streamed shards"):
+        _build({"source": "wds", "train": str(tmp_path / "s-{0..1}.tar"), "epoch_samples": 8, "train_size": 20000})
+
+
+def test_builtin_data_generates_its_default_sizes_when_unset():
+    data = _build({"source": "shapes"})
+    assert (len(data.train), len(data.eval)) == (20000, 1000)
 
 
 def test_builtin_tones_follow_the_models_input_spec():

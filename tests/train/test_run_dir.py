@@ -10,6 +10,7 @@ from polymodal.errors import InputError
 from polymodal.train import TrainConfig, Trainer
 from polymodal.train import checkpoints as ckpt
 from polymodal.train.rundir import MARKER
+from tests.train.helpers import fit_until_killed
 
 
 def trainer(make_config, **top) -> Trainer:
@@ -101,18 +102,7 @@ def test_a_file_as_run_dir_is_refused(make_config, tmp_path):
 
 def test_a_resumed_run_keeps_its_earlier_metrics_and_drops_the_repeated_ones(make_config, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    first = trainer(make_config, steps=4, save_every=2)
-    real_step = Trainer.train_step
-
-    def crash_at_step_3(self, batch):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
-    monkeypatch.undo()
+    fit_until_killed(trainer(make_config, steps=4, save_every=2), 3, monkeypatch)
     assert metric_steps(run) == [1, 2, 3]  # step 3 was logged, but the checkpoint is at step 2
     resumed = trainer(make_config, steps=4, resume="latest")
     assert resumed.step == 2 and metric_steps(run) == [1, 2]

@@ -8,6 +8,7 @@ import torch
 from polymodal import from_pretrained
 from polymodal.train import NonFiniteLossError, TrainConfig, Trainer, train
 from polymodal.train import checkpoints as ckpt
+from tests.train.helpers import assert_same_weights, straight_and_resumed
 
 
 def params(model):
@@ -40,29 +41,11 @@ def test_short_run_loss_falls_and_writes_outputs(make_config, tmp_path):
 
 
 def test_resume_is_exact(make_config, tmp_path, monkeypatch):
-    straight = Trainer(TrainConfig.from_dict(make_config(steps=6, run_dir=str(tmp_path / "a"))))
-    straight.fit()
-
     # the same run, interrupted after step 3 (its checkpoint written), then resumed from the latest checkpoint
-    interrupted = make_config(steps=6, save_every=3, run_dir=str(tmp_path / "b"))
-    first = Trainer(TrainConfig.from_dict(interrupted))
-    real_step = Trainer.train_step
-
-    def step_then_crash(self, batch):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    resumed = Trainer(TrainConfig.from_dict({**interrupted, "resume": "latest"}))
+    straight, resumed = straight_and_resumed(make_config(steps=6, run_dir=str(tmp_path / "run")), monkeypatch)
     assert resumed.step == 3
     resumed.fit()
-    a, b = params(straight.model), params(resumed.model)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(straight.model, resumed.model)
     assert resumed.samples_seen == straight.samples_seen
 
 
