@@ -62,6 +62,10 @@ def from_pretrained(path: str | os.PathLike, device=None, dtype=None) -> nn.Modu
 
 
 def _config_of(model_or_ref: nn.Module | ModelConfig | str | os.PathLike) -> ModelConfig:
+    if isinstance(model_or_ref, ModelConfig):
+        return model_or_ref
+    if isinstance(getattr(model_or_ref, "config", None), ModelConfig):  # a model, eager or exported (DeployedModel)
+        return model_or_ref.config
     if isinstance(model_or_ref, nn.Module):
         if getattr(model_or_ref, "config", None) is None:
             raise InputError(f"this {type(model_or_ref).__name__} carries no ModelConfig")

@@ -69,6 +69,9 @@ def model_identity(model: Any, modality: str) -> dict[str, Any]:
     return {
         "name": str(cfg.get("name")) if cfg else type(model).__name__,
         "config_fingerprint": config_fingerprint(cfg) if cfg else None,
-        "weights_fingerprint": weights_fingerprint(model) if isinstance(model, nn.Module) else None,
+        # an exported model (polymodal.deploy.DeployedModel) carries the fingerprint of the weights it was made from
+        "weights_fingerprint": weights_fingerprint(model)
+        if isinstance(model, nn.Module)
+        else getattr(model, "weights_fingerprint", None),
         "modality": modality,
     }

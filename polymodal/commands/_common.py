@@ -34,13 +34,19 @@ def pick_device(name: str | None) -> torch.device:
 
 def load_model(spec: str, device: torch.device, pretrained: str | None = None) -> nn.Module:
     """The model ``--model`` names (``polymodal.resolver``: a saved model, training run, Hugging Face
-    CLIP or open_clip directory, or a registered name with ``pretrained`` weights), in eval mode on ``device``.
+    CLIP or open_clip directory, or a registered name with ``pretrained`` weights), in eval mode on ``device``;
+    or a folder written by ``polymodal export``, as a ``DeployedModel`` (on the CPU).
 
     A bare registered name without weights is refused: its random weights would give meaningless
     predictions that look like real ones.
     """
+    from polymodal.deploy import MANIFEST, DeployedModel
     from polymodal.resolver import parse_reference, resolve_model
 
+    if (Path(spec) / MANIFEST).is_file():  # a folder written by `polymodal export`: run its files
+        if pretrained is not None:
+            raise CommandError(f"--model {spec} is an exported model; it already has weights, drop --pretrained")
+        return DeployedModel.load(spec)
     missing = CommandError(
         f"--model {spec}: no such model directory, and not a registered model name (see 'polymodal list-models')"
     )
