@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -467,7 +468,18 @@ def train(config: TrainConfig | dict | str | os.PathLike, overrides: list[str] |
         cfg = TrainConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
-    finally:
+        report = trainer.fit()
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        # Tear down in step: every rank waits here, then drops DDP (whose reducer holds the gloo group)
+        # before the group is destroyed. Freed later, after a peer had exited, the reducer left that rank
+        # hanging in the gloo group's destructor (seen in tests/train/test_distributed.py).
+        dist.barrier()
+        trainer.forward_model = trainer.model
+        del trainer
+        gc.collect()
+        dist.destroy_process_group()
+    return report
