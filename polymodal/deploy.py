@@ -14,6 +14,7 @@ context length: end-of-text pooling uses the positions of the ids it is given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -132,7 +133,7 @@ def export_towers(
 
 def _spec_dict(config: ModelConfig, modality: str) -> dict[str, Any]:
     spec = config.input_spec(modality)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(spec).items() if v is not None}
+    return {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}  # JSON writes tuples as lists
 
 
 class DeployedModel:

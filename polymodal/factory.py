@@ -62,15 +62,12 @@ def from_pretrained(path: str | os.PathLike, device=None, dtype=None) -> nn.Modu
 
 
 def _config_of(model_or_ref: nn.Module | ModelConfig | str | os.PathLike) -> ModelConfig:
-    if isinstance(model_or_ref, ModelConfig):
-        return model_or_ref
-    if isinstance(getattr(model_or_ref, "config", None), ModelConfig):  # a model, eager or exported (DeployedModel)
-        return model_or_ref.config
+    config = getattr(model_or_ref, "config", None)  # a model, eager or exported (DeployedModel)
+    if isinstance(config, ModelConfig):
+        return config
     if isinstance(model_or_ref, nn.Module):
-        if getattr(model_or_ref, "config", None) is None:
-            raise InputError(f"this {type(model_or_ref).__name__} carries no ModelConfig")
-        return model_or_ref.config
-    return parse_reference(model_or_ref).config
+        raise InputError(f"this {type(model_or_ref).__name__} carries no ModelConfig")
+    return parse_reference(model_or_ref).config  # a ModelConfig, a registered name or a directory
 
 
 def get_tokenizer(model_or_name: nn.Module | ModelConfig | str | os.PathLike, context_length: int | None = None):
