@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from polymodal.fileio import atomic_directory
+from polymodal.fileio import OutputExistsError, atomic_directory
 
 __all__ = ["MANIFEST_NAME", "SPLITS", "SYNTHETIC_KINDS", "sample_rng", "write_synthetic"]
 
@@ -134,10 +134,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
-        raise FileExistsError(
-            f"out_dir {str(out_dir)!r} is not empty; choose an empty or new directory, or pass overwrite=True "
-            "to replace synthetic data written there before"
-        )
+        raise OutputExistsError(out_dir, "is not empty: choose an empty or new directory")
     if not (out_dir / MANIFEST_NAME).is_file():
         # overwrite=True deletes the directory's contents; only do that to what this function wrote.
         raise FileExistsError(

@@ -43,6 +43,8 @@ class Attention(nn.Module):
         proj_drop: dropout after the output projection.
         cross: separate query (``q``) and fused key/value (``kv``) projections instead of one fused ``qkv``.
         out_dim: width of the output projection; ``None`` keeps ``dim``.
+        head_dim: width of each head; ``None`` is ``dim // num_heads``. A structurally pruned block keeps
+            its heads' width with fewer heads, so its attention runs ``num_heads * head_dim < dim`` wide.
     """
 
     def __init__(
@@ -54,23 +56,28 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
         cross: bool = False,
         out_dim: int | None = None,
+        head_dim: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        if dim % num_heads != 0:
+        if num_heads < 1:
+            raise ValueError(f"attention needs at least one head, got num_heads={num_heads}")
+        if head_dim is None and dim % num_heads != 0:
             raise ValueError(f"width {dim} must be divisible by the number of heads {num_heads}")
         factory = {"device": device, "dtype": dtype}
         self.dim = dim
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim if head_dim is not None else dim // num_heads
+        self.inner_dim = self.num_heads * self.head_dim  # == dim unless heads were pruned
         self.cross = cross
+        inner = self.inner_dim
         if cross:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias, **factory)
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **factory)
+            self.q = nn.Linear(dim, inner, bias=qkv_bias, **factory)
+            self.kv = nn.Linear(dim, inner * 2, bias=qkv_bias, **factory)
         else:
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **factory)
-        self.proj = nn.Linear(dim, out_dim or dim, **factory)
+            self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias, **factory)
+        self.proj = nn.Linear(inner, out_dim or dim, **factory)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -85,12 +92,12 @@ class Attention(nn.Module):
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """Queries ``(B, heads, N, head_dim)`` of ``x (B, N, dim)``, alone (e.g. of a few positions only)."""
-        q = self.q(x) if self.cross else F.linear(x, *self._slice(0, self.dim))
+        q = self.q(x) if self.cross else F.linear(x, *self._slice(0, self.inner_dim))
         return self._split_heads(q, 1)[0]
 
     def keys_values(self, source: torch.Tensor) -> KeyValue:
         """Keys and values ``2 x (B, heads, M, head_dim)`` of ``source (B, M, dim)``, e.g. to compute once and reuse."""
-        kv = self.kv(source) if self.cross else F.linear(source, *self._slice(self.dim, 3 * self.dim))
+        kv = self.kv(source) if self.cross else F.linear(source, *self._slice(self.inner_dim, 3 * self.inner_dim))
         k, v = self._split_heads(kv, 2)
         return k, v
 
@@ -112,7 +119,7 @@ class Attention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0,
         )  # (B, heads, N, head_dim)
         B, _, N, _ = x.shape
-        x = x.transpose(1, 2).reshape(B, N, self.dim)  # (B, N, dim)
+        x = x.transpose(1, 2).reshape(B, N, self.inner_dim)  # (B, N, heads * head_dim)
         return self.proj_drop(self.proj(x))
 
     def forward(
@@ -184,7 +191,11 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm self-attention block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+    """Pre-norm self-attention block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    ``head_dim`` and ``mlp_dim`` override the widths that ``dim / num_heads`` and ``mlp_ratio`` give,
+    for blocks with pruned heads or MLP units.
+    """
 
     def __init__(
         self,
@@ -197,16 +208,21 @@ class Block(nn.Module):
         ls_init_value: float | None = None,
         drop: float = 0.0,
         attn_drop: float = 0.0,
+        head_dim: int | None = None,
+        mlp_dim: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.norm1 = norm_layer(dim).to(**factory)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, **factory)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, head_dim=head_dim, **factory
+        )
         self.ls1 = LayerScale(dim, ls_init_value, **factory) if ls_init_value else nn.Identity()
         self.norm2 = norm_layer(dim).to(**factory)
-        self.mlp = Mlp(dim, mlp_hidden_dim(dim, mlp_ratio), act_layer=act_layer, drop=drop, **factory)
+        hidden = mlp_dim if mlp_dim is not None else mlp_hidden_dim(dim, mlp_ratio)
+        self.mlp = Mlp(dim, hidden, act_layer=act_layer, drop=drop, **factory)
         self.ls2 = LayerScale(dim, ls_init_value, **factory) if ls_init_value else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -247,8 +263,26 @@ class CrossAttentionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def check_block_widths(
+    layers: int, heads: int, block_heads: list[int] | None, block_mlp_dims: list[int] | None
+) -> None:
+    """``ValueError`` unless per-block widths list one value per block, heads within ``1 .. heads``."""
+    for name, values in (("block_heads", block_heads), ("block_mlp_dims", block_mlp_dims)):
+        if values is not None and len(values) != layers:
+            raise ValueError(f"{name} must list one value per block ({layers}), got {len(values)}: {values}")
+    if block_heads is not None and not all(1 <= h <= heads for h in block_heads):
+        raise ValueError(f"block_heads must each be between 1 and heads={heads}, got {block_heads}")
+    if block_mlp_dims is not None and not all(d >= 1 for d in block_mlp_dims):
+        raise ValueError(f"block_mlp_dims must each be at least 1, got {block_mlp_dims}")
+
+
 class Transformer(nn.Module):
-    """A stack of pre-norm self-attention blocks with optional gradient checkpointing."""
+    """A stack of pre-norm self-attention blocks with optional gradient checkpointing.
+
+    Every block has ``heads`` heads of width ``width // heads`` and an MLP ``mlp_ratio`` times as wide,
+    unless ``block_heads`` / ``block_mlp_dims`` give each block's own count of heads (of that same
+    width) and MLP hidden units: what structured pruning leaves.
+    """
 
     def __init__(
         self,
@@ -262,16 +296,21 @@ class Transformer(nn.Module):
         ls_init_value: float | None = None,
         drop: float = 0.0,
         attn_drop: float = 0.0,
+        block_heads: list[int] | None = None,
+        block_mlp_dims: list[int] | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if width % heads != 0:
+            raise ValueError(f"width {width} must be divisible by the number of heads {heads}")
+        check_block_widths(layers, heads, block_heads, block_mlp_dims)
         self.width = width
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             Block(
                 width,
-                heads,
+                block_heads[i] if block_heads is not None else heads,
                 mlp_ratio,
                 qkv_bias,
                 act_layer,
@@ -279,10 +318,12 @@ class Transformer(nn.Module):
                 ls_init_value,
                 drop,
                 attn_drop,
+                head_dim=width // heads,
+                mlp_dim=block_mlp_dims[i] if block_mlp_dims is not None else None,
                 device=device,
                 dtype=dtype,
             )
-            for _ in range(layers)
+            for i in range(layers)
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:

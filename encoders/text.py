@@ -39,6 +39,9 @@ class TextTransformer(Encoder):
         proj_bias: bias in the output projection.
         drop: dropout after attention and MLP.
         attn_drop: dropout on attention weights.
+        block_heads: heads kept in each block (of width ``width // heads``), after structured
+            pruning; ``None``: ``heads`` in every block.
+        block_mlp_dims: MLP hidden units of each block, after pruning; ``None``: from ``mlp_ratio``.
     """
 
     modality = "text"
@@ -63,6 +66,8 @@ class TextTransformer(Encoder):
         proj_bias: bool = False,
         drop: float = 0.0,
         attn_drop: float = 0.0,
+        block_heads: list[int] | None = None,
+        block_mlp_dims: list[int] | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -94,6 +99,8 @@ class TextTransformer(Encoder):
             ls_init_value=ls_init_value,
             drop=drop,
             attn_drop=attn_drop,
+            block_heads=block_heads,
+            block_mlp_dims=block_mlp_dims,
             **factory,
         )
         self.norm = norm(width).to(**factory)

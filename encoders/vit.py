@@ -78,6 +78,9 @@ class VisionTransformer(Encoder):
         drop: dropout after attention and MLP.
         attn_drop: dropout on attention weights.
         modality: reported modality, ``"image"`` or ``"audio"`` for a spectrogram ViT.
+        block_heads: heads kept in each block (of width ``width // heads``), after structured
+            pruning; ``None``: ``heads`` in every block.
+        block_mlp_dims: MLP hidden units of each block, after pruning; ``None``: from ``mlp_ratio``.
     """
 
     def __init__(
@@ -103,6 +106,8 @@ class VisionTransformer(Encoder):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         modality: str = "image",
+        block_heads: list[int] | None = None,
+        block_mlp_dims: list[int] | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -146,6 +151,8 @@ class VisionTransformer(Encoder):
             ls_init_value=ls_init_value,
             drop=drop,
             attn_drop=attn_drop,
+            block_heads=block_heads,
+            block_mlp_dims=block_mlp_dims,
             **factory,
         )
         self.norm = norm(width).to(**factory)

@@ -52,7 +52,9 @@ class AttentionFusion(nn.Module):
         self.score = nn.Sequential(
             nn.Linear(dim, hidden_dim, **factory),
             get_act_layer(act_layer)(),
-            nn.Linear(hidden_dim, 1, **factory),
+            # no bias: a constant added to every modality's score cancels in the softmax, so it could
+            # never learn (its gradient is zero, exactly or to rounding, depending on the CPU)
+            nn.Linear(hidden_dim, 1, bias=False, **factory),
         )
         self.dropout = nn.Dropout(dropout)
         self.last_weights: torch.Tensor | None = None

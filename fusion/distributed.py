@@ -1,4 +1,4 @@
-"""All-gather with gradient: the one distributed primitive the contrastive losses use.
+"""All-gather with gradient: the one distributed primitive the contrastive and distillation losses use.
 
 Every rank concatenates the features of all ranks (in rank order) to build its negatives. The
 local slice of the gathered tensor is differentiable as usual, and the other ranks' slices
@@ -6,7 +6,7 @@ send their gradient back to the rank that produced them: in the backward pass ea
 ``dL_r / d(gathered)``, those are summed over ranks and each rank keeps the slice of its own
 batch, ``dx_r = sum_s dL_s / dx_r``. Together with DDP's averaging of parameter gradients this
 makes a loss whose mean over ranks equals the single-process loss give exactly the
-single-process gradient (see ``polymodal.fusion.losses``).
+single-process gradient (see ``polymodal.fusion.losses`` and ``polymodal.fusion.distillation``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,17 @@ def rank_and_world_size(group: dist.ProcessGroup | None = None) -> tuple[int, in
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def resolve_gather(gather: bool | None, group: dist.ProcessGroup | None, name: str) -> bool:
+    """Whether a loss gathers features from all ranks: ``gather`` as given, or (``None``) whenever
+    torch.distributed runs with more than one rank. ``name`` is the loss's, for the error."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if gather and not initialised:
+        raise ValueError(f"{name}(gather=True) needs torch.distributed to be initialised")
+    if gather is None:
+        return initialised and dist.get_world_size(group) > 1
+    return gather
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -63,3 +63,23 @@ def check_batch_sizes(tensors: Mapping[str, torch.Tensor], *, name: str) -> int:
     if len(set(sizes.values())) > 1:
         raise ValueError(f"{name} expects the same batch size for every modality, got {sizes}")
     return next(iter(sizes.values()))
+
+
+def check_paired_features(features: Any, name: str) -> tuple[str, ...]:
+    """Require ``{modality: (B, D)}`` features of at least two modalities, one batch size and one width.
+
+    Returns:
+        the modalities in sorted order, the order every loss pairs them in.
+    """
+    if not isinstance(features, Mapping):
+        raise ValueError(f"{name} expects a dict of (B, D) features keyed by modality, got {type(features).__name__}")
+    modalities = tuple(sorted(features))
+    if len(modalities) < 2:
+        raise ValueError(f"{name} needs features of at least 2 modalities, got {list(modalities)}")
+    for m in modalities:
+        check_feature(features[m], name=name, modality=m, ndims=(2,), expected="(B, D)")
+    check_batch_sizes(features, name=name)
+    dims = {m: int(features[m].shape[1]) for m in modalities}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"{name} expects every modality in the same embedding width D, got {dims}")
+    return modalities

@@ -36,8 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_features, rank_and_world_size
-from .inputs import check_batch_sizes, check_feature
+from .distributed import gather_features, rank_and_world_size, resolve_gather
+from .inputs import check_paired_features
 
 
 @dataclass
@@ -53,34 +53,10 @@ class ContrastiveLossOutput:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _check_features(features: Mapping[str, torch.Tensor], name: str) -> tuple[str, ...]:
-    if not isinstance(features, Mapping):
-        raise ValueError(f"{name} expects a dict of (B, D) features keyed by modality, got {type(features).__name__}")
-    modalities = tuple(sorted(features))
-    if len(modalities) < 2:
-        raise ValueError(f"{name} needs features of at least 2 modalities, got {list(modalities)}")
-    for m in modalities:
-        check_feature(features[m], name=name, modality=m, ndims=(2,), expected="(B, D)")
-    check_batch_sizes(features, name=name)
-    dims = {m: int(features[m].shape[1]) for m in modalities}
-    if len(set(dims.values())) > 1:
-        raise ValueError(f"{name} expects every modality in the same embedding width D, got {dims}")
-    return modalities
-
-
 def _check_scalar(value: torch.Tensor | float, what: str, name: str) -> torch.Tensor | float:
     if isinstance(value, torch.Tensor) and value.numel() != 1:
         raise ValueError(f"{name} expects a scalar {what}, got shape {tuple(value.shape)}")
     return value.reshape(()) if isinstance(value, torch.Tensor) else value
-
-
-def _resolve_gather(gather: bool | None, group: dist.ProcessGroup | None, name: str) -> bool:
-    initialised = dist.is_available() and dist.is_initialized()
-    if gather and not initialised:
-        raise ValueError(f"{name}(gather=True) needs torch.distributed to be initialised")
-    if gather is None:
-        return initialised and dist.get_world_size(group) > 1
-    return gather
 
 
 def clip_loss(
@@ -105,9 +81,9 @@ def clip_loss(
             more than one rank, ``False`` keeps each rank's loss on its local batch only.
         group: process group for the gather.
     """
-    modalities = _check_features(features, "clip_loss")
+    modalities = check_paired_features(features, "clip_loss")
     logit_scale = _check_scalar(logit_scale, "logit_scale", "clip_loss")
-    do_gather = _resolve_gather(gather, group, "clip_loss")
+    do_gather = resolve_gather(gather, group, "clip_loss")
     rank, world_size = rank_and_world_size(group) if do_gather else (0, 1)
     local = {m: features[m] for m in modalities}
     glob = gather_features(local, group) if do_gather else local  # {m: (world_size * B, D)}
@@ -152,10 +128,10 @@ def siglip_loss(
             more than one rank.
         group: process group for the gather.
     """
-    modalities = _check_features(features, "siglip_loss")
+    modalities = check_paired_features(features, "siglip_loss")
     logit_scale = _check_scalar(logit_scale, "logit_scale", "siglip_loss")
     logit_bias = _check_scalar(logit_bias, "logit_bias", "siglip_loss") if logit_bias is not None else 0.0
-    do_gather = _resolve_gather(gather, group, "siglip_loss")
+    do_gather = resolve_gather(gather, group, "siglip_loss")
     rank, world_size = rank_and_world_size(group) if do_gather else (0, 1)
     local = {m: features[m] for m in modalities}
     # only the column side of each pair (every modality but the first) needs the global batch

@@ -19,6 +19,7 @@ _EXPORTS = {
     "captioner": ["CaptioningModel"],
     "checkpoint": ["CheckpointError", "load_state_dict_strict", "read_state_dict"],
     "config": ["ComponentConfig", "InputSpec", "ModelConfig", "PreprocessConfig", "TokenizerConfig", "build_encoder"],
+    "deploy": ["DeployedModel", "export_towers"],
     "errors": ["ConfigError", "InputError", "PolymodalError"],
     "export": ["export_model"],
     "factory": [
@@ -37,6 +38,8 @@ _EXPORTS = {
         "LateFusionClassifier",
         "build_model",
     ],
+    "prune": ["prune_model"],
+    "quantize": ["quantize_towers"],
     "registry": ["get_model_config", "list_models", "register_model"],
     "resolver": ["ModelReference", "parse_reference", "resolve_model"],
 }

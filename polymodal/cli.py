@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from polymodal.errors import InputError, PolymodalError
+from polymodal.fileio import OutputExistsError
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -154,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
+    except OutputExistsError as e:  # say the flag, not the Python argument
+        print(f"error: {e.cli_message()}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +102,18 @@ def export_towers(
             path = tmp / f"{modality}{SUFFIX[format]}"
             shapes = _dynamic_shapes(config, modality)
             if format == "onnx":
-                program = torch.onnx.export(
-                    module,
-                    example,
-                    dynamo=True,
-                    dynamic_shapes=shapes,
-                    input_names=[modality],
-                    output_names=[f"{modality}_embeds"],  # not "embedding": that names a weight in the graph
-                    opset_version=ONNX_OPSET,
-                )
+                with warnings.catch_warnings():  # torch's own deprecations inside the exporter, not the user's
+                    warnings.simplefilter("ignore", FutureWarning)
+                    program = torch.onnx.export(
+                        module,
+                        example,
+                        dynamo=True,
+                        verbose=False,  # no progress lines per export stage on the console
+                        dynamic_shapes=shapes,
+                        input_names=[modality],
+                        output_names=[f"{modality}_embeds"],  # not "embedding": that names a weight in the graph
+                        opset_version=ONNX_OPSET,
+                    )
                 program.save(str(path))
             else:
                 torch.export.save(torch.export.export(module, example, dynamic_shapes=shapes, strict=False), path)
@@ -182,7 +186,8 @@ class DeployedModel:
     def modalities(self) -> list[str]:
         return sorted(self.towers)
 
-    def _encode(self, modality: str, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    def encode(self, modality: str, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """The ``modality`` tower's embeddings of ``x`` (on the CPU), as ``ContrastiveModel.encode``."""
         if modality not in self.towers:
             raise InputError(f"{self.directory} holds no {modality} tower; it has {self.modalities}")
         with torch.no_grad():
@@ -190,13 +195,13 @@ class DeployedModel:
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self._encode("image", image, normalize)
+        return self.encode("image", image, normalize)
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self._encode("text", text, normalize)
+        return self.encode("text", text, normalize)
 
     def encode_audio(self, audio: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self._encode("audio", audio, normalize)
+        return self.encode("audio", audio, normalize)
 
 
 class _OnnxRunner:

@@ -17,7 +17,33 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_directory", "atomic_file", "atomic_write_bytes", "atomic_write_text", "stale_temporaries"]
+__all__ = [
+    "OutputExistsError",
+    "atomic_directory",
+    "atomic_file",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "stale_temporaries",
+]
+
+
+class OutputExistsError(FileExistsError):
+    """An output that is already there and was not asked to be replaced.
+
+    The message says how to ask, in the caller's terms: ``str()`` names the Python argument
+    (``overwrite=True``), ``cli_message()`` the command-line flag (``--overwrite``), which is what
+    ``polymodal.cli`` prints.
+    """
+
+    def __init__(self, path: str | os.PathLike, state: str = "already exists") -> None:
+        self.path, self.state = Path(path), state
+        super().__init__(self._message("overwrite=True"))
+
+    def _message(self, how: str) -> str:
+        return f"{str(self.path)!r} {self.state}; pass {how} to replace it"
+
+    def cli_message(self) -> str:
+        return self._message("--overwrite")
 
 
 def _umask() -> int:
@@ -34,7 +60,7 @@ def _umask_permissions(root: Path) -> None:
 
 def _refuse_existing(path: Path) -> None:
     if path.exists():
-        raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True to replace it")
+        raise OutputExistsError(path)
 
 
 @contextlib.contextmanager

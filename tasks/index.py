@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polymodal.fileio import atomic_directory
+from polymodal.fileio import OutputExistsError, atomic_directory
 
 from .embedding import embed_dataset, encoder_for, eval_mode, model_device
 from .model_identity import model_identity
@@ -540,6 +540,6 @@ def _check_destination(path: Path, overwrite: bool) -> None:
     ``index.json``), so a mistyped output path never deletes unrelated files."""
     if path.exists():
         if not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise OutputExistsError(path)
         if not (path.is_dir() and (path / INDEX_FILE).is_file()):
             raise FileExistsError(f"{path} exists and is not an index (no {INDEX_FILE}); refusing to replace it")

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from polymodal.encoders import ToRGB
-from polymodal.fileio import atomic_file
+from polymodal.fileio import OutputExistsError, atomic_file
 
 CORRECT_COLOR = (0, 200, 0)
 INCORRECT_COLOR = (220, 0, 0)
@@ -44,7 +44,7 @@ def check_png_target(out_png: str | os.PathLike, overwrite: bool) -> Path:
     if path.suffix.lower() != ".png":
         raise ValueError(f"out_png must end in .png, got {str(path)!r}")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True to replace it")
+        raise OutputExistsError(path)
     return path
 
 

@@ -17,6 +17,11 @@ from polymodal.checkpoint import CheckpointError
 from polymodal.datasets.folder import IMAGE_EXTENSIONS
 from polymodal.errors import ConfigError, InputError
 
+# what --data / --calibration may name besides a path: the built-in generated data
+BUILTIN = ("shapes", "tones")
+# index files of pairs, as the trainer reads them (polymodal.datasets)
+INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+
 
 class CommandError(InputError):
     """A user error on the command line; ``polymodal.cli.main`` prints it and exits with status 2."""
@@ -72,6 +77,16 @@ def load_model(spec: str, device: torch.device, pretrained: str | None = None) -
             f"--pretrained FILE, or pass a directory written by save_pretrained or 'polymodal train'"
         )
     return resolve_model(reference, pretrained=pretrained, device=device).eval()
+
+
+def parse_towers(towers: str | None) -> list[str] | None:
+    """``--towers image,text`` as a list (``None``: all towers); an empty list is an error."""
+    if towers is None:
+        return None
+    names = [t.strip() for t in towers.split(",") if t.strip()]
+    if not names:
+        raise CommandError(f"--towers {towers!r} names no tower; expected e.g. image,text")
+    return names
 
 
 def collect_files(

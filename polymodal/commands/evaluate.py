@@ -14,11 +14,17 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ._common import CommandError, atomic_write_text, load_model, parse_labels, pick_device, print_json
+from ._common import (
+    BUILTIN,
+    INDEX_SUFFIXES,
+    CommandError,
+    atomic_write_text,
+    load_model,
+    parse_labels,
+    pick_device,
+    print_json,
+)
 from .zeroshot import load_templates
-
-INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
-BUILTIN = ("shapes", "tones")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -172,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device, args.pretrained)
     cfg = data_section(args)
     towers = getattr(model, "towers", {})
-    contrastive = getattr(model, "alignment", None) is not None and callable(getattr(model, "encode", None))
+    # an eager contrastive model or captioner with a contrastive head, or an exported (DeployedModel) one
+    aligned = getattr(model, "alignment", None) is not None or model.config.kind == "contrastive"
+    contrastive = aligned and callable(getattr(model, "encode", None))
     if not contrastive or "text" not in towers or not ({"image", "audio"} & set(towers)):
         raise CommandError(
             f"--model {args.model} is a {type(model).__name__} with towers {sorted(towers)}; evaluate needs a "

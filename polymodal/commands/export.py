@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
 
     from polymodal.deploy import export_towers
 
-    from ._common import load_model
+    from ._common import load_model, parse_towers
 
-    towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+    towers = parse_towers(args.towers)
     model = load_model(args.model, torch.device("cpu"), args.pretrained)
     out = export_towers(model, args.out, args.format, towers=towers, overwrite=args.overwrite)
     names = ", ".join(sorted(p.name for p in out.iterdir()))

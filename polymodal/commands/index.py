@@ -260,10 +260,7 @@ def build(args: argparse.Namespace) -> int:
         lines = _format_metrics(metrics, len(index))
     if backend == "faiss":
         index.build_faiss()
-    try:
-        index.save(out, overwrite=args.overwrite)
-    except FileExistsError as err:
-        raise CommandError(str(err)) from None
+    index.save(out, overwrite=args.overwrite)  # an existing index: the CLI names --overwrite
     name = index.model_info["name"]
     print(f"wrote an index of {len(index)} {index.modality} embeddings (dim {index.dim}, model {name}) to {out}")
     for line in lines:

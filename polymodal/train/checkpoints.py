@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from polymodal.checkpoint import COMPLETE, checkpoint_dir, complete_checkpoints, save_state_dict
+from polymodal.checkpoint import (
+    COMPLETE,
+    WEIGHTS_NAME,
+    checkpoint_dir,
+    complete_checkpoints,
+    load_state_dict_strict,
+    read_state_dict,
+    save_state_dict,
+)
 from polymodal.fileio import atomic_directory, atomic_write_text
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "STATE_NAME",
     "checkpoint_dir",
     "complete_checkpoints",
+    "load_model_files",
     "load_training_state",
     "resolve_resume",
     "rng_state",
@@ -99,3 +108,16 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 def load_training_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+
+
+def load_model_files(model: nn.Module, path: Path) -> None:
+    """Load into ``model`` what its ``write_pretrained_files`` wrote into checkpoint ``path``, strictly.
+
+    A model that writes more than its own weights (the distillation task's student with its projection)
+    reads them back with its ``read_pretrained_files``; any other model loads ``model.safetensors``.
+    """
+    reader = getattr(model, "read_pretrained_files", None)
+    if reader is not None:
+        reader(path)
+    else:
+        load_state_dict_strict(model, read_state_dict(path / WEIGHTS_NAME), source=str(path))

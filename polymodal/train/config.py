@@ -111,7 +111,8 @@ class OptimSection:
         warmup_steps: linear warm-up before the cosine decay.
         min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``.
         grad_clip: clip the global gradient norm (``None`` or 0: off).
-        accum_steps: micro-batches per optimiser step; the contrastive loss still sees the whole batch.
+        accum_steps: micro-batches per optimiser step; the contrastive (and distillation) loss still sees
+            the whole batch.
         ema_decay: keep an exponential moving average of the weights (``None``: off).
         loss: ``"clip"`` (softmax InfoNCE) or ``"siglip"`` (sigmoid).
         local_loss: with ``clip``, each rank scores only its own rows against the global batch.
@@ -158,7 +159,7 @@ class TrainConfig:
             folder that holds other files (a run otherwise writes only into an empty folder or its own
             earlier run).
         task: what is trained (``polymodal.train.tasks``): ``"contrastive"`` (the default),
-            ``"classify"`` or ``"caption"``.
+            ``"classify"``, ``"caption"`` or ``"distill"``.
         task_args: the task's own options (see its class docstring); checked by the task.
     """
 

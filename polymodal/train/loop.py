@@ -180,9 +180,9 @@ class Trainer:
         }
 
     def _load(self, path: Path) -> None:
-        from polymodal.checkpoint import load_state_dict_strict, read_state_dict
+        from polymodal.checkpoint import read_state_dict
 
-        load_state_dict_strict(self.model, read_state_dict(path / "model.safetensors"), source=str(path))
+        ckpt.load_model_files(self.model, path)
         state = self._read_training_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

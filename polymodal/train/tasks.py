@@ -2,9 +2,9 @@
 
 The ``Trainer`` owns everything a task does not care about (devices and DDP, the optimiser and
 schedule, mixed precision, gradient clipping, the non-finite guard, checkpoints and exact resume,
-logging). A task owns what differs between contrastive pre-training, classification and
-captioning. ``TrainConfig.task`` names the task and ``TrainConfig.task_args`` holds its options,
-which the task validates.
+logging). A task owns what differs between contrastive pre-training, classification, captioning
+and distillation. ``TrainConfig.task`` names the task and ``TrainConfig.task_args`` holds its
+options, which the task validates.
 
 Adding a task: subclass ``TrainTask``, set ``name``, decorate with ``@register_task``, and import its
 module in ``_import_builtin_tasks`` (or anywhere before ``get_task`` is called).
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TASKS: dict[str, type[TrainTask]] = {}
 # Modules of the tasks that ship with polymodal; imported lazily (each may pull in heavy task code).
-_BUILTIN_TASK_MODULES = ("task_contrastive", "task_classify", "task_caption")
+_BUILTIN_TASK_MODULES = ("task_contrastive", "task_classify", "task_caption", "task_distill")
 
 
 class TrainTask:
@@ -49,7 +49,11 @@ class TrainTask:
         self.cfg = cfg
 
     def build_model(self, device: torch.device) -> nn.Module:
-        """The model whose parameters are trained and checkpointed (it must offer ``write_pretrained_files``)."""
+        """The model whose parameters are trained and checkpointed.
+
+        It must offer ``write_pretrained_files(directory)``, and ``read_pretrained_files(directory)`` when
+        it writes more than its own ``model.safetensors`` (see ``checkpoints.load_model_files``).
+        """
         raise NotImplementedError
 
     def build_data(self, model: nn.Module) -> RunData:

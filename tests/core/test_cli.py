@@ -1,5 +1,7 @@
 """The command line, run as a user types it."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -95,21 +97,31 @@ data: {{train_size: 64, eval_size: 16, batch_size: 16}}
 """
 
 
-def train_fails(*args) -> str:
-    """Run ``python -m polymodal train ARGS`` as a user does; it must fail with status 2 and print exactly one
-    line (the error), no traceback. Returns that line."""
-    proc = subprocess.run([sys.executable, "-m", "polymodal", "train", *args], capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+def train_fails(*args, in_process: bool = True) -> str:
+    """Run ``polymodal train ARGS``; it must fail with status 2 and print exactly one line (the error), no
+    traceback. Returns that line. ``in_process=False`` starts ``python -m polymodal`` as a user does; in
+    process, the same entry point (``polymodal.cli.main``) runs without an interpreter start each time."""
+    if not in_process:
+        proc = subprocess.run([sys.executable, "-m", "polymodal", "train", *args], capture_output=True, text=True)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        from polymodal.cli import main
+
+        buffer = io.StringIO()
+        with contextlib.redirect_stderr(buffer):
+            code = main(["train", *args])  # an uncaught exception (a traceback) fails the test here
+        stderr = buffer.getvalue()
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     return lines[0]
 
 
 def test_train_config_errors_are_one_line_naming_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 10\noptim:\n  lr: [0.1\n")
-    line = train_fails(str(bad))
+    line = train_fails(str(bad), in_process=False)  # once as a user types it
     assert f"'{bad}' is not valid YAML at line 4" in line and "<unicode string>" not in line
     bad.write_text("optim:\n  lr: fast\n")
     assert line_is(train_fails(str(bad)), f"error: '{bad}': optim.lr must be float, got 'fast'")
