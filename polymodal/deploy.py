@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +67,24 @@ def _dynamic_shapes(config: ModelConfig, modality: str) -> tuple[dict[int, Any]]
     return (dims,)
 
 
-def _towers(model: nn.Module, towers: list[str] | None) -> list[str]:
+def choose_towers(model: nn.Module | DeployedModel, towers: Iterable[str] | None = None) -> list[str]:
+    """The sorted towers of ``model`` (an eager contrastive model or a ``DeployedModel``) that ``towers``
+    names, all of them by default; ``InputError`` naming any tower the model lacks."""
+    if isinstance(model, DeployedModel):
+        return _known(model.modalities, towers)
     config = getattr(model, "config", None)
     if config is None or config.kind != "contrastive" or not hasattr(model, "encode_text"):
         kind = getattr(config, "kind", type(model).__name__)
         raise InputError(f"deployment export takes contrastive models (towers with encode_*), got a {kind} model")
-    have = sorted(config.towers)
-    chosen = towers or have
-    unknown = sorted(set(chosen) - set(have))
+    return _known(sorted(config.towers), towers)
+
+
+def _known(have: list[str], towers: Iterable[str] | None) -> list[str]:
+    chosen = set(towers) if towers else set(have)
+    unknown = sorted(chosen - set(have))
     if unknown:
         raise InputError(f"unknown tower(s) {unknown}; this model has {have}")
-    return sorted(set(chosen))
+    return sorted(chosen)
 
 
 def export_towers(
@@ -89,7 +97,7 @@ def export_towers(
     """Write each of ``towers`` (default: all) of ``model`` in ``format``, plus ``deployment.json``."""
     if format not in DEPLOY_FORMATS:
         raise InputError(f"unknown export format {format!r}; expected one of {', '.join(DEPLOY_FORMATS)}")
-    chosen = _towers(model, towers)
+    chosen = choose_towers(model, towers)
     config: ModelConfig = model.config
     from polymodal.tasks.model_identity import weights_fingerprint
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .deploy import MANIFEST, DeployedModel, export_towers
+from .deploy import MANIFEST, DeployedModel, choose_towers, export_towers
 from .errors import InputError
 from .fileio import atomic_directory
 
@@ -142,11 +142,7 @@ def quantize_towers(
         raise InputError("dynamic quantization measures activations as it runs; it takes no calibration data")
     import onnxruntime
 
-    have = model.modalities if isinstance(model, DeployedModel) else sorted(getattr(model, "towers", {}))
-    unknown = sorted(set(towers or []) - set(have))
-    if unknown:
-        raise InputError(f"unknown tower(s) {unknown}; this model has {have}")
-    chosen = sorted(towers or have)
+    chosen = choose_towers(model, towers)
     # the data is checked before minutes go into exporting
     per_tower = _calibration_inputs(calibration, chosen) if method == "static" else {}
     with tempfile.TemporaryDirectory(prefix="polymodal-quantize-") as scratch:

@@ -95,6 +95,31 @@ class ModelReference:
     def has_weights(self) -> bool:
         return self.directory is not None
 
+    def check_weights(
+        self, pretrained: object, *, require: bool = True, name: str | None = None, option: str = "pretrained="
+    ) -> None:
+        """The one rule for where weights come from: a directory brings its own, so ``pretrained`` must be
+        unset; a registered name or a config has none, so (with ``require``) ``pretrained`` must be given,
+        since random weights would give predictions that look real and mean nothing.
+
+        Args:
+            pretrained: the separately given weights, or ``None``.
+            require: refuse a reference that would end with random weights.
+            name: how the caller's user wrote the reference (default: the reference itself, quoted).
+            option: how that user gives weights (``--pretrained FILE``, ``task_args.teacher_pretrained``).
+
+        Raises:
+            InputError: naming the reference and the option to drop or to give.
+        """
+        name = name or repr(self.source)
+        if self.has_weights and pretrained is not None:
+            raise InputError(f"{name} is a {self.kind} model directory with its own weights; drop {option}")
+        if require and not self.has_weights and pretrained is None:
+            raise InputError(
+                f"{name} is a registered architecture with random weights; give its weights with {option}, "
+                "or pass a directory written by save_pretrained or 'polymodal train' (such as runs/demo)"
+            )
+
 
 def parse_reference(ref: str | os.PathLike | ModelConfig | ModelReference) -> ModelReference:
     """Decide what ``ref`` names and read its config (not its weights); see the module docstring.
@@ -209,17 +234,8 @@ def resolve_model(
             architecture its weights were saved for (strict loading names any mismatch).
     """
     reference = parse_reference(ref)
-    if reference.has_weights and pretrained is not None:
-        raise InputError(
-            f"{reference.source!r} is a {reference.kind} model directory with its own weights; "
-            "pass either it or pretrained=, not both"
-        )
+    reference.check_weights(pretrained, require=require_weights)
     weights = reference.directory if reference.has_weights else pretrained
-    if require_weights and weights is None:
-        raise InputError(
-            f"{reference.source!r} is a registered architecture with random weights; give its weights "
-            "with pretrained=, or pass a directory written by save_pretrained or 'polymodal train'"
-        )
     config = apply_overrides(reference.config, overrides)  # a copy even without overrides: the model owns it
     model = build_model(config, device=device)
     if weights is not None:

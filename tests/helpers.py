@@ -65,6 +65,17 @@ def printed_recall_line(stdout: str, direction: str) -> dict[str, str]:
     return found
 
 
+def cli_run(args: list[str], capsys) -> tuple[int, str, str]:
+    """``polymodal ARGS`` through the console script's entry point (``polymodal.cli.main``), in this process:
+    its exit status, stdout and stderr. One test per command family still starts the real executable."""
+    from polymodal.cli import main
+
+    capsys.readouterr()  # drop what came before
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def cli_fails(args: list[str], capsys, message: str) -> None:
     """``polymodal ARGS`` exits with 2 and its last stderr line (after any progress bar) is an error naming
     ``message``."""

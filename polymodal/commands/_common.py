@@ -69,13 +69,7 @@ def load_model(spec: str, device: torch.device, pretrained: str | None = None) -
         raise
     except InputError:  # neither a registered name nor an existing path
         raise missing from None
-    if reference.has_weights and pretrained is not None:
-        raise CommandError(f"--model {spec} is a saved model directory; it already has weights, drop --pretrained")
-    if not reference.has_weights and pretrained is None:
-        raise CommandError(
-            f"--model {spec} is a registered architecture with random weights; give its weights with "
-            f"--pretrained FILE, or pass a directory written by save_pretrained or 'polymodal train'"
-        )
+    reference.check_weights(pretrained, name=f"--model {spec}", option="--pretrained FILE")
     return resolve_model(reference, pretrained=pretrained, device=device).eval()
 
 

@@ -160,16 +160,7 @@ def check_teacher(reference: str, pretrained: str | None) -> ModelReference:
             f"task_args.teacher {reference!r} is a {parsed.config.kind} model; a teacher must be a contrastive "
             "model (kind contrastive), whose image-text similarities the student learns to mimic"
         )
-    if parsed.has_weights and pretrained is not None:
-        raise InputError(
-            f"task_args.teacher {reference!r} is a model directory with its own weights; "
-            "leave task_args.teacher_pretrained unset"
-        )
-    if not parsed.has_weights and pretrained is None:
-        raise InputError(
-            f"task_args.teacher {reference!r} is a registered architecture with random weights; give its "
-            "weights as task_args.teacher_pretrained, or name a trained model (a run directory such as runs/demo)"
-        )
+    parsed.check_weights(pretrained, name=f"task_args.teacher {reference!r}", option="task_args.teacher_pretrained")
     return parsed
 
 

@@ -136,6 +136,13 @@ def test_taylor_scores_equal_the_gradient_of_a_gate_on_each_head_and_unit(tiny):
         torch.testing.assert_close(block_scores.heads, want_heads[i], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(block_scores.units, want_units[i], rtol=1e-4, atol=1e-7)
     assert all(p.grad is None for p in tiny.parameters())  # scoring leaves no gradients behind
+    # a frozen model (as a user loads one for inference) scores the same, under no_grad too, and stays frozen
+    frozen = copy.deepcopy(tiny).requires_grad_(False)
+    with torch.no_grad():
+        again = importance_scores(frozen, batches, ["image"], "taylor")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    for mine, theirs in zip(again["image"], scores["image"]):
+        torch.testing.assert_close(mine.heads, theirs.heads, rtol=1e-5, atol=1e-8)
 
 
 def test_magnitude_scores_equal_an_explicit_loop(tiny):

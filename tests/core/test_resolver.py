@@ -108,7 +108,7 @@ def test_weights_are_required_when_asked_and_never_doubled(trained):
     with pytest.raises(InputError, match="registered architecture with random weights"):
         resolve_model(NAME, require_weights=True)
     assert resolve_model(root / "saved", require_weights=True) is not None
-    with pytest.raises(InputError, match="with its own weights; pass either it or pretrained="):
+    with pytest.raises(InputError, match="with its own weights; drop pretrained="):
         resolve_model(root / "saved", pretrained=root / "weights.pt")
 
 
@@ -127,9 +127,9 @@ def test_command_loader_is_the_resolver_with_command_messages(trained, tmp_path)
     loaded = load_model(str(root / "run"), torch.device("cpu"))
     assert not loaded.training
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    with pytest.raises(CommandError, match="random weights; give its weights with --pretrained FILE"):
+    with pytest.raises(InputError, match="random weights; give its weights with --pretrained FILE"):
         load_model(NAME, torch.device("cpu"))
-    with pytest.raises(CommandError, match="already has weights, drop --pretrained"):
+    with pytest.raises(InputError, match="with its own weights; drop --pretrained FILE"):
         load_model(str(root / "saved"), torch.device("cpu"), pretrained=str(root / "weights.pt"))
     with pytest.raises(CommandError, match="is a file; pass a model directory"):
         load_model(str(root / "weights.pt"), torch.device("cpu"))

@@ -224,7 +224,7 @@ def test_a_teacher_of_other_modalities_is_refused(tmp_path):
     ("task_args", "error", "match"),
     [
         ({"teacher": "coca-vit-tiny"}, InputError, "is a captioner model; a teacher must be a contrastive"),
-        ({"teacher": "clip-vit-tiny"}, InputError, "random weights; give its weights as task_args.teacher_pretrained"),
+        ({"teacher": "clip-vit-tiny"}, InputError, "random weights; give its weights with task_args.teacher_pre"),
         ({"kd_weigth": 1.0}, ConfigError, r"unknown key\(s\) \['kd_weigth'\] in task_args"),
         ({"kd_weight": -1.0}, ConfigError, "task_args.kd_weight must be >= 0, got -1.0"),
         ({"kd_weight": 0, "feature_weight": 0}, ConfigError, "nothing is distilled"),
