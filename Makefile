@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers for make test: one per core of the 2-core reference machine (tests/conftest.py gives
+# each worker, and what it starts, its share of the threads)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo demo-audio test test-fast lint format bench clean
 
@@ -25,7 +28,7 @@ demo-audio: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -31,6 +31,29 @@ def _blocks(n: int, tile: int) -> list[slice]:
     return [slice(start, min(start + tile, n)) for start in range(0, n, tile)]
 
 
+def _backward_blocks(q, k, scale, tile, block_grad):
+    """Walk ``q @ k.T`` in blocks again and accumulate the gradients of ``q``, ``k``, ``scale`` and an additive
+    bias from ``block_grad(I, J, sim)``: the loss's gradient with respect to the logits of block ``(I, J)``, where
+    ``sim`` is that block's ``q[I] @ k[J].T`` in float32 and the logits are ``scale * sim (+ bias)``."""
+    grad_q = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    grad_k = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    grad_scale = torch.zeros((), device=q.device)
+    grad_bias = torch.zeros((), device=q.device)
+    s_scale = scale.float()
+    for I in _blocks(q.shape[0], tile):
+        qi = q[I]
+        for J in _blocks(k.shape[0], tile):
+            kj = k[J]
+            sim = (qi @ kj.T).float()  # (tile_r, tile_c)
+            g = block_grad(I, J, sim)
+            grad_scale += (g * sim).sum()
+            grad_bias += g.sum()
+            g = g * s_scale
+            grad_q[I] += g @ kj.float()
+            grad_k[J] += g.T @ qi.float()
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_scale, grad_bias
+
+
 def check_tile(tile: int) -> int:
     """``tile`` if it is a positive integer; ``ValueError`` naming it otherwise."""
     if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0:
@@ -79,32 +102,24 @@ class _TiledInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_row, grad_col):
         q, k, scale, q_groups, k_groups, row_lse, row_cnt, col_lse, col_cnt = ctx.saved_tensors
-        R, C = q.shape[0], k.shape[0]
         s_scale = scale.float()
-        grad_q = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        grad_k = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        grad_scale = torch.zeros((), device=q.device)
-        w_row = grad_row.float() / R
+        w_row = grad_row.float() / q.shape[0]
         w_col = grad_col.float() / max(ctx.n_valid, 1)
         valid = (k_groups >= 0).float()
-        for I in _blocks(R, ctx.tile):
-            qi = q[I]
-            for J in _blocks(C, ctx.tile):
-                kj = k[J]
-                sim = (qi @ kj.T).float()  # (tile_r, tile_c)
-                s = sim * s_scale
-                pos = (q_groups[I, None] == k_groups[None, J]).float()
-                g = w_row * (torch.exp(s - row_lse[I, None]) - pos / row_cnt[I, None])  # d loss / d s
-                if ctx.columns:
-                    col = torch.exp(s - col_lse[None, J]) - pos / col_cnt[None, J].clamp(min=1)
-                    g += w_col * col * valid[None, J]
-                grad_scale += (g * sim).sum()
-                g = g * s_scale
-                grad_q[I] += g @ kj.float()
-                grad_k[J] += g.T @ qi.float()
+
+        def block_grad(I, J, sim):  # d loss / d logits of one block
+            s = sim * s_scale
+            pos = (q_groups[I, None] == k_groups[None, J]).float()
+            g = w_row * (torch.exp(s - row_lse[I, None]) - pos / row_cnt[I, None])
+            if ctx.columns:
+                col = torch.exp(s - col_lse[None, J]) - pos / col_cnt[None, J].clamp(min=1)
+                g += w_col * col * valid[None, J]
+            return g
+
+        grad_q, grad_k, grad_scale, _ = _backward_blocks(q, k, scale, ctx.tile, block_grad)
         return (
-            grad_q.to(q.dtype),
-            grad_k.to(k.dtype),
+            grad_q,
+            grad_k,
             grad_scale.to(scale.dtype) if ctx.needs_input_grad[2] else None,
             None,
             None,
@@ -160,27 +175,16 @@ class _TiledSigmoid(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, scale, bias, q_groups, k_groups = ctx.saved_tensors
         s_scale, s_bias = scale.float(), bias.float()
-        grad_q = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        grad_k = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        grad_scale = torch.zeros((), device=q.device)
-        grad_bias = torch.zeros((), device=q.device)
         weight = grad.float() / q.shape[0]
-        for I in _blocks(q.shape[0], ctx.tile):
-            qi = q[I]
-            for J in _blocks(k.shape[0], ctx.tile):
-                kj = k[J]
-                sim = (qi @ kj.T).float()
-                signs = (q_groups[I, None] == k_groups[None, J]).float() * 2 - 1
-                # d/dl of -log sigmoid(z l) is -z sigmoid(-z l)
-                g = -weight * signs * torch.sigmoid(-signs * (sim * s_scale + s_bias))  # (tile_r, tile_c)
-                grad_scale += (g * sim).sum()
-                grad_bias += g.sum()
-                g = g * s_scale
-                grad_q[I] += g @ kj.float()
-                grad_k[J] += g.T @ qi.float()
+
+        def block_grad(I, J, sim):  # d/dl of -log sigmoid(z l) is -z sigmoid(-z l)
+            signs = (q_groups[I, None] == k_groups[None, J]).float() * 2 - 1
+            return -weight * signs * torch.sigmoid(-signs * (sim * s_scale + s_bias))
+
+        grad_q, grad_k, grad_scale, grad_bias = _backward_blocks(q, k, scale, ctx.tile, block_grad)
         return (
-            grad_q.to(q.dtype),
-            grad_k.to(k.dtype),
+            grad_q,
+            grad_k,
             grad_scale.to(scale.dtype) if ctx.needs_input_grad[2] else None,
             grad_bias.to(bias.dtype) if ctx.needs_input_grad[3] else None,
             None,

@@ -58,6 +58,7 @@ __all__ = [
     "REFERENCE_KINDS",
     "ModelReference",
     "apply_overrides",
+    "build_reference",
     "load_pretrained",
     "locate_model",
     "parse_reference",
@@ -97,7 +98,7 @@ class ModelReference:
 
     def check_weights(
         self, pretrained: object, *, require: bool = True, name: str | None = None, option: str = "pretrained="
-    ) -> None:
+    ) -> Path | str | os.PathLike | None:
         """The one rule for where weights come from: a directory brings its own, so ``pretrained`` must be
         unset; a registered name or a config has none, so (with ``require``) ``pretrained`` must be given,
         since random weights would give predictions that look real and mean nothing.
@@ -108,6 +109,9 @@ class ModelReference:
             name: how the caller's user wrote the reference (default: the reference itself, quoted).
             option: how that user gives weights (``--pretrained FILE``, ``task_args.teacher_pretrained``).
 
+        Returns:
+            Where the weights are: the reference's directory, ``pretrained``, or ``None`` (random weights).
+
         Raises:
             InputError: naming the reference and the option to drop or to give.
         """
@@ -115,10 +119,12 @@ class ModelReference:
         if self.has_weights and pretrained is not None:
             raise InputError(f"{name} is a {self.kind} model directory with its own weights; drop {option}")
         if require and not self.has_weights and pretrained is None:
+            what = "a model config" if self.kind == "config" else "a registered architecture"
             raise InputError(
-                f"{name} is a registered architecture with random weights; give its weights with {option}, "
+                f"{name} is {what} with random weights; give its weights with {option}, "
                 "or pass a directory written by save_pretrained or 'polymodal train' (such as runs/demo)"
             )
+        return self.directory if self.has_weights else pretrained
 
 
 def parse_reference(ref: str | os.PathLike | ModelConfig | ModelReference) -> ModelReference:
@@ -234,8 +240,16 @@ def resolve_model(
             architecture its weights were saved for (strict loading names any mismatch).
     """
     reference = parse_reference(ref)
-    reference.check_weights(pretrained, require=require_weights)
-    weights = reference.directory if reference.has_weights else pretrained
+    weights = reference.check_weights(pretrained, require=require_weights)
+    return build_reference(reference, weights, device=device, dtype=dtype, **overrides)
+
+
+def build_reference(
+    reference: ModelReference, weights: str | os.PathLike | None, *, device=None, dtype=None, **overrides: Any
+) -> nn.Module:
+    """The model of a parsed ``reference`` with the ``weights`` its ``check_weights`` returned (``None``:
+    random), loaded strictly. For callers that checked the weights themselves, with their own wording;
+    ``resolve_model`` is parse, check, build."""
     config = apply_overrides(reference.config, overrides)  # a copy even without overrides: the model owns it
     model = build_model(config, device=device)
     if weights is not None:

@@ -1,10 +1,18 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
-# Tests run on 2 CPU cores; more threads than cores only adds contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests run on 2 CPU cores; more threads than cores only adds contention. Under pytest-xdist (make test runs
+# `-n 2`) each worker gets its share of the cores, and so do the processes a test starts (torchrun, the CLI,
+# notebook kernels), through OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, os.cpu_count() or 1) // _WORKERS)
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -21,7 +29,19 @@ def trained_shapes_run(tmp_path_factory):
     returned run directory."""
     from polymodal.train import train
 
-    run_dir = tmp_path_factory.mktemp("shapes_run") / "run"
+    # One run for the whole session, also across xdist workers: they share the base temp folder's parent,
+    # and the first to take the lock trains while the others wait for it (pytest-xdist's documented recipe).
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    run_dir = Path(root) / "shapes_run" / "run"
+    with FileLock(str(run_dir.parent) + ".lock"):
+        if not (run_dir / "report.json").is_file():
+            _train_shapes(train, run_dir)
+    return run_dir
+
+
+def _train_shapes(train, run_dir: Path) -> None:
     train(
         {
             "run_dir": str(run_dir),
@@ -35,4 +55,3 @@ def trained_shapes_run(tmp_path_factory):
             "optim": {"lr": 2e-3, "warmup_steps": 10},
         }
     )
-    return run_dir

@@ -46,7 +46,7 @@ def load_model(spec: str, device: torch.device, pretrained: str | None = None) -
     predictions that look like real ones.
     """
     from polymodal.deploy import MANIFEST, DeployedModel
-    from polymodal.resolver import parse_reference, resolve_model
+    from polymodal.resolver import build_reference, parse_reference
 
     if (Path(spec) / MANIFEST).is_file():  # a folder written by `polymodal export`: run its files
         if pretrained is not None:
@@ -69,8 +69,8 @@ def load_model(spec: str, device: torch.device, pretrained: str | None = None) -
         raise
     except InputError:  # neither a registered name nor an existing path
         raise missing from None
-    reference.check_weights(pretrained, name=f"--model {spec}", option="--pretrained FILE")
-    return resolve_model(reference, pretrained=pretrained, device=device).eval()
+    weights = reference.check_weights(pretrained, name=f"--model {spec}", option="--pretrained FILE")
+    return build_reference(reference, weights, device=device).eval()
 
 
 def parse_towers(towers: str | None) -> list[str] | None:

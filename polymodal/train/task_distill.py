@@ -163,7 +163,7 @@ class DistillTask(ContrastiveTask):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         # a missing, untrained or non-contrastive teacher fails before anything is built or written
-        self.reference = check_teacher(self.opts.teacher, self.opts.teacher_pretrained)
+        self.reference, self.teacher_weights = check_teacher(self.opts.teacher, self.opts.teacher_pretrained)
         self.teacher: Teacher | None = None
         self.device = torch.device("cpu")
         self._parts: dict[str, torch.Tensor] = {}
@@ -192,7 +192,7 @@ class DistillTask(ContrastiveTask):
         data = super().build_data(model)
         student = self.contrastive_model(model).config
         self.teacher = load_teacher(
-            self.reference, self.opts.teacher_pretrained, student, list(data.modalities), self.device
+            self.reference, self.teacher_weights, student, list(data.modalities), self.device
         )
         return data
 

@@ -16,6 +16,8 @@ resampling, and refused otherwise, naming the difference:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ from torch import nn
 from polymodal.config import InputSpec, ModelConfig
 from polymodal.errors import InputError
 from polymodal.factory import get_tokenizer
-from polymodal.resolver import ModelReference, parse_reference, resolve_model
+from polymodal.resolver import ModelReference, build_reference, parse_reference
 
 __all__ = ["ImageAdapter", "Teacher", "TextAdapter", "check_teacher", "load_teacher"]
 
@@ -144,8 +146,9 @@ def input_adapters(student: ModelConfig, teacher: ModelConfig, modalities: list[
     return adapters
 
 
-def check_teacher(reference: str, pretrained: str | None) -> ModelReference:
-    """What ``task_args.teacher`` names (its config, not yet its weights): a contrastive model with weights.
+def check_teacher(reference: str, pretrained: str | None) -> tuple[ModelReference, Path | str]:
+    """What ``task_args.teacher`` names (its config, not yet its weights), a contrastive model with weights,
+    and where those weights are (for ``load_teacher``).
 
     Raises:
         InputError: an unknown or unreadable reference, a model that is not contrastive, or a registered
@@ -160,8 +163,10 @@ def check_teacher(reference: str, pretrained: str | None) -> ModelReference:
             f"task_args.teacher {reference!r} is a {parsed.config.kind} model; a teacher must be a contrastive "
             "model (kind contrastive), whose image-text similarities the student learns to mimic"
         )
-    parsed.check_weights(pretrained, name=f"task_args.teacher {reference!r}", option="task_args.teacher_pretrained")
-    return parsed
+    weights = parsed.check_weights(
+        pretrained, name=f"task_args.teacher {reference!r}", option="task_args.teacher_pretrained"
+    )
+    return parsed, weights
 
 
 class Teacher:
@@ -186,10 +191,10 @@ class Teacher:
 
 
 def load_teacher(
-    reference: ModelReference, pretrained: str | None, student: ModelConfig, modalities: list[str], device
+    reference: ModelReference, weights: Path | str, student: ModelConfig, modalities: list[str], device
 ) -> Teacher:
-    """The teacher ``reference`` names, with its weights, checked to have a tower for every modality the
-    student is trained on and to take (after adaptation) the student's inputs."""
+    """The teacher ``reference`` names, with the ``weights`` ``check_teacher`` found, checked to have a tower
+    for every modality the student is trained on and to take (after adaptation) the student's inputs."""
     where = f"the teacher {reference.source!r}"
     missing = [m for m in modalities if m not in reference.config.towers]
     if missing:
@@ -198,7 +203,7 @@ def load_teacher(
             f"{sorted(modalities)}: it lacks {missing}; a teacher needs a tower for each modality of the data"
         )
     adapters = input_adapters(student, reference.config, sorted(modalities), where)
-    model = resolve_model(reference, pretrained=pretrained, device=device, require_weights=True)
+    model = build_reference(reference, weights, device=device)
     model.eval().requires_grad_(False)
     for adapter in adapters.values():
         if isinstance(adapter, nn.Module):

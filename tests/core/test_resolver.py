@@ -10,6 +10,7 @@ import polymodal
 from polymodal import InputError, create_model, export_model, parse_reference, resolve_model
 from polymodal.checkpoint import COMPLETE, CheckpointError, checkpoint_dir
 from polymodal.commands._common import CommandError, load_model
+from polymodal.registry import get_model_config
 from polymodal.resolver import locate_model
 from tests.core.test_models import tiny_inputs
 
@@ -107,6 +108,8 @@ def test_weights_are_required_when_asked_and_never_doubled(trained):
     root, _ = trained
     with pytest.raises(InputError, match="registered architecture with random weights"):
         resolve_model(NAME, require_weights=True)
+    with pytest.raises(InputError, match="is a model config with random weights"):
+        resolve_model(get_model_config(NAME), require_weights=True)
     assert resolve_model(root / "saved", require_weights=True) is not None
     with pytest.raises(InputError, match="with its own weights; drop pretrained="):
         resolve_model(root / "saved", pretrained=root / "weights.pt")
