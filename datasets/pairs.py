@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 from polymodal.errors import InputError
 
 from .decode import DEFAULT_MAX_PIXELS, decode_audio, decode_caption, decode_image
-from .samples import MALFORMED_ROW, MISSING_CAPTION, MISSING_FILE, SampleError, SkippedSample
+from .samples import BAD_HARD_NEGATIVES, MALFORMED_ROW, MISSING_CAPTION, MISSING_FILE, SampleError, SkippedSample
 
-__all__ = ["INDEX_FORMATS", "AudioTextDataset", "ImageTextDataset", "read_index"]
+__all__ = ["INDEX_FORMATS", "AudioTextDataset", "ImageTextDataset", "read_hard_negatives", "read_index"]
 
 INDEX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -153,6 +153,28 @@ def _resolve(value: object, root: Path, column: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def read_hard_negatives(value: object, n: int, column: str) -> list[str]:
+    """``n`` hard-negative captions from an index cell: a list of captions (JSON Lines), or the text of a JSON
+    list (CSV / TSV), repeated in turn when it holds fewer than ``n``.
+
+    Raises:
+        SampleError: ``bad_hard_negatives`` for anything but a non-empty list of non-empty strings.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise SampleError(
+                BAD_HARD_NEGATIVES, f"column {column!r} holds {value[:60]!r}, not a JSON list of captions"
+            ) from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise SampleError(
+            BAD_HARD_NEGATIVES, f"column {column!r} must hold a non-empty list of captions, got {str(value)[:60]!r}"
+        )
+    captions = [decode_caption(v) for v in value]
+    return [captions[i % len(captions)] for i in range(n)]
+
+
 class _PairDataset(Dataset):
     """Rows of an index, each a file plus a caption; subclasses decode the file."""
 
@@ -164,9 +186,15 @@ class _PairDataset(Dataset):
         caption_key: str,
         root: str | os.PathLike | None,
         format: str | None,
+        hard_negatives: int = 0,
+        hard_negatives_key: str = "hard_negatives",
     ) -> None:
+        if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be a non-negative integer, got {hard_negatives!r}")
+        self.hard_negatives, self.hard_negatives_key = hard_negatives, hard_negatives_key
         self.index_path = Path(index_path)
-        self.rows = read_index(self.index_path, format, required_columns=(file_key, caption_key))
+        required = (file_key, caption_key) + ((hard_negatives_key,) if hard_negatives else ())
+        self.rows = read_index(self.index_path, format, required_columns=required)
         self.root = Path(root) if root is not None else self.index_path.parent
         self.tokenizer = tokenizer
         self.file_key = file_key
@@ -178,6 +206,10 @@ class _PairDataset(Dataset):
     def _decode_file(self, path: Path) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _tokens(self, caption: str) -> torch.Tensor:
+        tokens = self.tokenizer(caption)
+        return tokens[0] if tokens.ndim == 2 else tokens
+
     def __getitem__(self, index: int) -> dict | SkippedSample:
         row = self.rows[index]
         if isinstance(row, SkippedSample):
@@ -187,12 +219,18 @@ class _PairDataset(Dataset):
             if self.caption_key not in row:
                 raise SampleError(MISSING_CAPTION, f"row has no {self.caption_key!r} field")
             caption = decode_caption(row[self.caption_key])
+            negatives = (
+                read_hard_negatives(row.get(self.hard_negatives_key), self.hard_negatives, self.hard_negatives_key)
+                if self.hard_negatives
+                else []
+            )
             path = _resolve(row.get(self.file_key), self.root, self.file_key)
             item = self._decode_file(path)
         except SampleError as err:
             return SkippedSample(err.reason, f"{self.index_path} row {index}: {err.detail}")
-        tokens = self.tokenizer(caption)
-        item["text"] = tokens[0] if tokens.ndim == 2 else tokens  # (context_length,)
+        item["text"] = self._tokens(caption)  # (context_length,)
+        if negatives:
+            item["text_negatives"] = torch.stack([self._tokens(c) for c in negatives])  # (n, context_length)
         extras = {key: value for key, value in row.items() if key not in (self.file_key, self.caption_key)}
         item["meta"] = {**extras, "caption": caption, "path": str(path), "index": index}
         return item
@@ -212,6 +250,10 @@ class ImageTextDataset(_PairDataset):
         max_pixels: images with more pixels are skipped (``too_many_pixels``) without being decoded.
         root: folder the image paths are relative to; the index file's folder by default.
         format: index format, when the extension does not say it.
+        hard_negatives: give each item this many wrong captions, tokenized as ``"text_negatives"``
+            ``(hard_negatives, L)``, from the ``hard_negatives_key`` column (see ``read_hard_negatives``);
+            a row whose cell is not a list of captions is skipped (``bad_hard_negatives``).
+        hard_negatives_key: column holding them.
     """
 
     def __init__(
@@ -224,8 +266,12 @@ class ImageTextDataset(_PairDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         root: str | os.PathLike | None = None,
         format: str | None = None,
+        hard_negatives: int = 0,
+        hard_negatives_key: str = "hard_negatives",
     ) -> None:
-        super().__init__(index_path, tokenizer, image_key, caption_key, root, format)
+        super().__init__(
+            index_path, tokenizer, image_key, caption_key, root, format, hard_negatives, hard_negatives_key
+        )
         self.transform = transform
         self.max_pixels = max_pixels
 
@@ -250,6 +296,10 @@ class AudioTextDataset(_PairDataset):
         root: folder the audio paths are relative to; the index file's folder by default.
         format: index format, when the extension does not say it.
         silence_threshold: clips whose peak amplitude is below this are skipped as silent.
+        hard_negatives: give each item this many wrong captions, tokenized as ``"text_negatives"``
+            ``(hard_negatives, L)``, from the ``hard_negatives_key`` column (see ``read_hard_negatives``);
+            a row whose cell is not a list of captions is skipped (``bad_hard_negatives``).
+        hard_negatives_key: column holding them.
     """
 
     def __init__(
@@ -264,10 +314,14 @@ class AudioTextDataset(_PairDataset):
         root: str | os.PathLike | None = None,
         format: str | None = None,
         silence_threshold: float = 1e-4,
+        hard_negatives: int = 0,
+        hard_negatives_key: str = "hard_negatives",
     ) -> None:
         if sample_rate <= 0 or clip_seconds <= 0:
             raise ValueError(f"need a positive sample_rate and clip_seconds, got {sample_rate} and {clip_seconds}")
-        super().__init__(index_path, tokenizer, audio_key, caption_key, root, format)
+        super().__init__(
+            index_path, tokenizer, audio_key, caption_key, root, format, hard_negatives, hard_negatives_key
+        )
         self.sample_rate = int(sample_rate)
         self.num_samples = round(clip_seconds * sample_rate)
         self.random_crop = random_crop

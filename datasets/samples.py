@@ -64,6 +64,7 @@ CORRUPT_AUDIO = "corrupt_audio"
 CORRUPT_SHARD = "corrupt_shard"  # a WebDataset tar that could not be read to the end
 EMPTY_SHARD = "empty_shard"  # a WebDataset tar with no usable sample in it
 MALFORMED_ROW = "malformed_row"  # an index row with missing or extra cells, bad JSON or a bad field
+BAD_HARD_NEGATIVES = "bad_hard_negatives"  # a hard_negatives cell that is not a non-empty list of captions
 SKIP_REASONS = (
     MISSING_FILE,
     ZERO_BYTES,
@@ -78,6 +79,7 @@ SKIP_REASONS = (
     CORRUPT_AUDIO,
     CORRUPT_SHARD,
     EMPTY_SHARD,
+    BAD_HARD_NEGATIVES,
     MALFORMED_ROW,
 )
 

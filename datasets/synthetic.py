@@ -30,7 +30,7 @@ MANIFEST_NAME = "synthetic.json"
 _FORMATS = ("csv", "wds")
 # Distinguishes the random streams of the two data sets, so the same (seed, split, index) draws
 # unrelated numbers for a shape and a tone.
-_STREAM_IDS = {"shapes": 1, "tones": 2}
+_STREAM_IDS = {"shapes": 1, "tones": 2, "shapes-negatives": 3}
 
 
 def check_split(split: str) -> int:
@@ -50,7 +50,8 @@ def sample_rng(kind: str, seed: int, split: str, index: int) -> np.random.Genera
     """The random generator of one sample, derived only from ``(kind, seed, split, index)``.
 
     Args:
-        kind: ``"shapes"`` or ``"tones"``.
+        kind: ``"shapes"``, ``"tones"`` or ``"shapes-negatives"`` (a shapes sample's hard negatives, drawn
+            apart from the sample itself so asking for them changes no image or caption).
         seed: data set seed (a non-negative integer).
         split: ``"train"`` or ``"heldout"``.
         index: position of the sample in its split.
@@ -212,7 +213,8 @@ def write_synthetic(
     at the end, so an interrupted run leaves nothing half-written behind.
 
     Args:
-        kind: ``"shapes"`` or ``"tones"``.
+        kind: ``"shapes"``, ``"tones"`` or ``"shapes-negatives"`` (a shapes sample's hard negatives, drawn
+            apart from the sample itself so asking for them changes no image or caption).
         out_dir: directory to create; it must be new or empty unless ``overwrite``.
         n: number of samples (indices ``0 .. n-1`` of the split).
         split: ``"train"`` or ``"heldout"``; write both by calling twice with two directories.

@@ -297,6 +297,71 @@ def single_shape_captions(shape: str, colour: str, size: str, position: str) -> 
     return [_single_caption_from(template, s) for template in _SINGLE_TEMPLATES]
 
 
+def _template_of(caption: str, render: Callable[[str], str], templates: tuple[str, ...]) -> str:
+    for template in templates:
+        if render(template) == caption:
+            return template
+    raise ValueError(f"caption {caption!r} was not made by the shapes templates")
+
+
+def hard_negative_captions(caption: str, attrs: dict, n: int, rng: np.random.Generator) -> list[str]:
+    """``n`` captions that are wrong for the image ``caption`` describes, each close to it: the same template
+    with one thing changed (NegCLIP-style hard negatives).
+
+    - one shape: its colour or its shape swapped for another (``"a red circle"`` -> ``"a blue circle"``,
+      ``"a red square"``), alternately;
+    - two shapes in a stated relation: first the two swapped (``"a 3 to the left of a 7"`` -> ``"a 7 to the
+      left of a 3"``), then their colours exchanged, then one colour or shape replaced;
+    - two shapes without a relation (their order means nothing): colours exchanged, then replacements.
+
+    Args:
+        caption: the sample's caption.
+        attrs: the sample's attributes (``ShapeSample.attrs``).
+        n: how many to give (they may repeat when fewer distinct ones exist).
+        rng: the generator that picks the replacements.
+    """
+    shapes = [dict(s) for s in attrs["shapes"]]
+    if len(shapes) == 1:
+        template = _template_of(caption, lambda t: _single_caption_from(t, shapes[0]), _SINGLE_TEMPLATES)
+
+        def render(changed: list[dict]) -> str:
+            return _single_caption_from(template, changed[0])
+
+    else:
+        relation = "to the left of" if shapes[0]["position"] == "left" else "above"
+
+        def pair(t: str, first: dict, second: dict) -> str:
+            return t.format(first=_phrase(first), second=_phrase(second), relation=relation)
+
+        template, order = None, None
+        for t in _PAIR_TEMPLATES:
+            for candidate in (shapes, shapes[::-1]):
+                if pair(t, *candidate) == caption:
+                    template, order = t, candidate
+        if template is None:
+            raise ValueError(f"caption {caption!r} was not made by the shapes templates")
+        shapes = [dict(s) for s in order]  # in the caption's order
+
+        def render(changed: list[dict]) -> str:
+            return pair(template, *changed)
+
+    fixed: list[str] = []
+    if len(shapes) == 2:
+        if "{relation}" in template:
+            fixed.append(render(shapes[::-1]))
+        exchanged = [{**shapes[0], "colour": shapes[1]["colour"]}, {**shapes[1], "colour": shapes[0]["colour"]}]
+        fixed.append(render(exchanged))
+    out = [c for c in fixed if c != caption][:n]
+    while len(out) < n:
+        changed = [dict(s) for s in shapes]
+        target = changed[int(rng.integers(len(changed)))]
+        key, pool = (("colour", COLOURS), ("shape", SHAPES))[len(out) % 2]
+        others = [v for v in pool if v != target[key] and all(v != s[key] for s in changed)]
+        target[key] = others[int(rng.integers(len(others)))]
+        out.append(render(changed))
+    return out
+
+
 def caption_vocabulary() -> list[str]:
     """Every word and punctuation mark a caption (of one or two shapes) can contain, sorted.
 
@@ -413,6 +478,8 @@ class ShapesDataset(Dataset):
         antialias: smooth shape edges.
         two_shape_share: share of two-shape images in ``"train"``.
         max_rotation: largest rotation of a shape in degrees either way (0: upright).
+        hard_negatives: give each item this many wrong captions close to its own
+            (``hard_negative_captions``), tokenized as ``"text_negatives"`` ``(hard_negatives, L)``.
     """
 
     def __init__(
@@ -426,8 +493,14 @@ class ShapesDataset(Dataset):
         antialias: bool = True,
         two_shape_share: float = TRAIN_TWO_SHAPE_SHARE,
         max_rotation: float = 0.0,
+        hard_negatives: int = 0,
     ) -> None:
         check_split(split)
+        if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be a non-negative integer, got {hard_negatives!r}")
+        if hard_negatives and tokenizer is None:
+            raise ValueError("hard_negatives needs a tokenizer (they are given as token ids)")
+        self.hard_negatives = hard_negatives
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         self.split, self.n, self.seed = split, n, seed
@@ -450,5 +523,11 @@ class ShapesDataset(Dataset):
         item: dict[str, Any] = {"image": self.transform(sample.image) if self.transform else sample.image}
         if self.tokenizer is not None:
             item["text"] = self.tokenizer([sample.caption])[0]
-        item["meta"] = {"caption": sample.caption, "index": index, **sample.attrs}
+        meta = {"caption": sample.caption, "index": index, **sample.attrs}
+        if self.hard_negatives:
+            rng = sample_rng("shapes-negatives", self.seed, self.split, index)
+            negatives = hard_negative_captions(sample.caption, sample.attrs, self.hard_negatives, rng)
+            item["text_negatives"] = self.tokenizer(negatives)
+            meta["hard_negatives"] = negatives
+        item["meta"] = meta
         return item

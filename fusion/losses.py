@@ -36,8 +36,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import gather_features, rank_and_world_size, resolve_gather
+from .distributed import all_gather_with_grad, gather_features, rank_and_world_size, resolve_gather
 from .inputs import check_paired_features
+from .tiled import DEFAULT_TILE, check_tile, tiled_infonce, tiled_sigmoid
 
 
 @dataclass
@@ -59,6 +60,91 @@ def _check_scalar(value: torch.Tensor | float, what: str, name: str) -> torch.Te
     return value.reshape(()) if isinstance(value, torch.Tensor) else value
 
 
+AUTO_TILE_LOGITS = 4096 * 4096
+"""``tile="auto"`` takes the tiled path for a logit matrix larger than this (64 MiB per fp32 copy; the naive
+loss's autograd keeps several such copies), and the naive one, a little faster, below it."""
+
+
+def _resolve_tile(tile: int | str | None, rows: int, cols: int, name: str) -> int | None:
+    """The block side for a ``rows x cols`` logit matrix; ``None``: the naive, whole-matrix path."""
+    if tile == "auto":
+        return DEFAULT_TILE if rows * cols > AUTO_TILE_LOGITS else None
+    if tile is None:
+        return None
+    try:
+        return check_tile(tile)
+    except ValueError:
+        raise ValueError(f"{name}: tile must be 'auto', None or a positive integer (e.g. 4096), got {tile!r}") from None
+
+
+def _check_groups(groups: torch.Tensor | None, batch: int, offset: int, device, name: str) -> torch.Tensor:
+    """This rank's ``(B,)`` int64 group ids: ``groups`` as given, or ``offset + arange(B)`` (one positive each)."""
+    if groups is None:
+        return torch.arange(batch, device=device) + offset
+    if not isinstance(groups, torch.Tensor) or groups.shape != (batch,) or groups.is_floating_point():
+        got = tuple(groups.shape) if isinstance(groups, torch.Tensor) else type(groups).__name__
+        raise ValueError(f"{name}: groups must be a ({batch},) integer tensor of group ids, one per sample; got {got}")
+    if batch and int(groups.min()) < 0:
+        low = int(groups.min())
+        raise ValueError(f"{name}: group ids must be >= 0 (samples with equal ids are positives), got {low}")
+    return groups.to(device=device, dtype=torch.long)
+
+
+def _check_negatives(negatives, features, name: str) -> dict[str, torch.Tensor]:
+    """``{modality: (K, D)}`` extra negatives, checked against the features they are scored with."""
+    if not negatives:
+        return {}
+    if not isinstance(negatives, Mapping):
+        raise ValueError(f"{name}: negatives must be a dict of (K, D) features keyed by modality")
+    width = next(iter(features.values())).shape[1]
+    out = {}
+    for m, x in sorted(negatives.items()):
+        if m not in features:
+            raise ValueError(f"{name}: negatives for {m!r}, a modality without features (have {sorted(features)})")
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != width:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name}: negatives[{m!r}] must be (K, {width}) features, got {got}")
+        out[m] = x
+    return out
+
+
+def _with_negatives(x: torch.Tensor, groups: torch.Tensor, negatives: torch.Tensor | None):
+    """``x`` with ``negatives`` appended, and their group ids (-1 for a negative: it matches nothing)."""
+    if negatives is None or negatives.shape[0] == 0:
+        return x, groups
+    return torch.cat([x, negatives]), torch.cat([groups, groups.new_full((negatives.shape[0],), -1)])
+
+
+def _positives(q_groups: torch.Tensor, k_groups: torch.Tensor) -> torch.Tensor:
+    return (q_groups[:, None] == k_groups[None, :]) & (k_groups[None, :] >= 0)
+
+
+def _dense_infonce(q, k, scale, q_groups, k_groups, columns: bool):
+    """``tiled_infonce`` over the whole logit matrix at once (autograd keeps it)."""
+    logits = scale * q @ k.T
+    pos = _positives(q_groups, k_groups).to(logits.dtype)
+    row = F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))  # SupCon: lse - mean of positive logits
+    if not columns:
+        return row, row.new_zeros(())
+    valid = k_groups >= 0
+    pos_t = pos.T[valid]
+    return row, F.cross_entropy(logits.T[valid], pos_t / pos_t.sum(1, keepdim=True))
+
+
+def _infonce(q, k, scale, q_groups, k_groups, tile, columns: bool, name: str):
+    block = _resolve_tile(tile, q.shape[0], k.shape[0], name)
+    if block is None:
+        return _dense_infonce(q, k, scale, q_groups, k_groups, columns)
+    return tiled_infonce(q, k, scale, q_groups, k_groups, tile=block, columns=columns)
+
+
+def _gather_extras(groups, negatives, do_gather: bool, group):
+    """The global group ids and negatives (every rank's, in rank order), or the local ones."""
+    if not do_gather:
+        return groups, negatives
+    return all_gather_with_grad(groups, group), gather_features(negatives, group)
+
+
 def clip_loss(
     features: Mapping[str, torch.Tensor],
     logit_scale: torch.Tensor | float,
@@ -66,11 +152,17 @@ def clip_loss(
     local_loss: bool = False,
     gather: bool | None = None,
     group: dist.ProcessGroup | None = None,
+    groups: torch.Tensor | None = None,
+    negatives: Mapping[str, torch.Tensor] | None = None,
+    tile: int | str | None = "auto",
 ) -> ContrastiveLossOutput:
-    """Symmetric InfoNCE (CLIP) loss averaged over all pairs of modalities.
+    """Symmetric InfoNCE (CLIP) loss averaged over all pairs of modalities, with several positives per
+    sample and extra negatives when asked.
 
-    For each pair the logits are ``logit_scale * a @ b.T``; the loss is the mean of the cross
-    entropies of rows (a to b) and of columns (b to a), with the matching index as the label.
+    For each pair the logits are ``logit_scale * a @ b.T``; the loss is the mean of the row (a to b) and
+    column (b to a) terms. Each row's term is ``logsumexp_j s_ij - mean_{j positive} s_ij`` (SupCon's
+    multi-positive InfoNCE), which with one positive per row is CLIP's cross entropy with the matching
+    index as the label.
 
     Args:
         features: ``{modality: (B, D)}``, L2-normalised, at least two modalities.
@@ -80,29 +172,39 @@ def clip_loss(
         gather: gather features from all ranks; ``None`` does so when torch.distributed runs with
             more than one rank, ``False`` keeps each rank's loss on its local batch only.
         group: process group for the gather.
+        groups: ``(B,)`` integer ids (>= 0): samples with equal ids are positives of each other (two
+            captions of one image, two images of one class). Ids are global: distributed, equal ids on
+            two ranks match. ``None``: each sample is its own group (CLIP).
+        negatives: ``{modality: (K, D)}`` extra features that are never positive, added as columns where
+            that modality is the column side (hard-negative captions for image to text). Distributed,
+            every rank's are gathered, with the same K on each rank.
+        tile: compute in ``tile x tile`` blocks that are recomputed in the backward pass, so memory is
+            linear in the batch (``polymodal.fusion.tiled``); ``None``: the whole matrix at once;
+            ``"auto"``: tiled when a matrix has more than ``AUTO_TILE_LOGITS`` logits.
     """
     modalities = check_paired_features(features, "clip_loss")
     logit_scale = _check_scalar(logit_scale, "logit_scale", "clip_loss")
     do_gather = resolve_gather(gather, group, "clip_loss")
-    rank, world_size = rank_and_world_size(group) if do_gather else (0, 1)
+    rank, _ = rank_and_world_size(group) if do_gather else (0, 1)
     local = {m: features[m] for m in modalities}
-    glob = gather_features(local, group) if do_gather else local  # {m: (world_size * B, D)}
     batch = local[modalities[0]].shape[0]
-    device = local[modalities[0]].device
+    local_groups = _check_groups(groups, batch, rank * batch, local[modalities[0]].device, "clip_loss")
+    negatives = _check_negatives(negatives, local, "clip_loss")
+    glob = gather_features(local, group) if do_gather else local  # {m: (world_size * B, D)}
+    glob_groups, glob_neg = _gather_extras(local_groups, negatives, do_gather, group)
 
-    if local_loss:
-        labels = torch.arange(batch, device=device) + rank * batch
-    else:
-        labels = torch.arange(world_size * batch, device=device)
     parts = {}
     for a, b in itertools.combinations(modalities, 2):
-        if local_loss:
-            logits_ab = logit_scale * local[a] @ glob[b].T  # (B, world_size * B)
-            logits_ba = logit_scale * local[b] @ glob[a].T  # (B, world_size * B)
-        else:
-            logits_ab = logit_scale * glob[a] @ glob[b].T  # (N, N)
-            logits_ba = logits_ab.T
-        parts[f"{a}-{b}"] = (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
+        cols_b, k_groups_b = _with_negatives(glob[b], glob_groups, glob_neg.get(b))
+        if local_loss or a in glob_neg:
+            # each direction on its own: this rank's rows (or all rows) against every column of the other side
+            rows, row_groups = (local, local_groups) if local_loss else (glob, glob_groups)
+            cols_a, k_groups_a = _with_negatives(glob[a], glob_groups, glob_neg.get(a))
+            ab, _ = _infonce(rows[a], cols_b, logit_scale, row_groups, k_groups_b, tile, False, "clip_loss")
+            ba, _ = _infonce(rows[b], cols_a, logit_scale, row_groups, k_groups_a, tile, False, "clip_loss")
+        else:  # both directions from one (N, N + K) matrix: its rows and its columns
+            ab, ba = _infonce(glob[a], cols_b, logit_scale, glob_groups, k_groups_b, tile, True, "clip_loss")
+        parts[f"{a}-{b}"] = (ab + ba) / 2
     return ContrastiveLossOutput(loss=torch.stack(list(parts.values())).mean(), parts=parts)
 
 
@@ -113,12 +215,16 @@ def siglip_loss(
     *,
     gather: bool | None = None,
     group: dist.ProcessGroup | None = None,
+    groups: torch.Tensor | None = None,
+    negatives: Mapping[str, torch.Tensor] | None = None,
+    tile: int | str | None = "auto",
 ) -> ContrastiveLossOutput:
     """Sigmoid (SigLIP, https://arxiv.org/abs/2303.15343) loss averaged over all pairs of modalities.
 
     For each pair ``a < b``: ``-1/B * sum_ij log sigmoid(z_ij * (logit_scale * a_i . b_j + logit_bias))``
-    with ``z_ij = +1`` for matching pairs and ``-1`` otherwise. Distributed, this rank's rows of
-    ``a`` are scored against the gathered ``b`` of all ranks (see the module doc).
+    with ``z_ij = +1`` for pairs in one group (by default: the matching pairs) and ``-1`` otherwise.
+    Distributed, this rank's rows of ``a`` are scored against the gathered ``b`` of all ranks (see the
+    module doc).
 
     Args:
         features: ``{modality: (B, D)}``, L2-normalised, at least two modalities.
@@ -127,26 +233,39 @@ def siglip_loss(
         gather: gather features from all ranks; ``None`` does so when torch.distributed runs with
             more than one rank.
         group: process group for the gather.
+        groups: ``(B,)`` global integer group ids, as for ``clip_loss``.
+        negatives: ``{modality: (K, D)}`` extra features scored only as negatives: extra columns where
+            the modality is the column side (gathered from every rank), extra rows of this rank where it
+            is the row side. The sum is still divided by B.
+        tile: as for ``clip_loss``.
     """
     modalities = check_paired_features(features, "siglip_loss")
     logit_scale = _check_scalar(logit_scale, "logit_scale", "siglip_loss")
     logit_bias = _check_scalar(logit_bias, "logit_bias", "siglip_loss") if logit_bias is not None else 0.0
     do_gather = resolve_gather(gather, group, "siglip_loss")
-    rank, world_size = rank_and_world_size(group) if do_gather else (0, 1)
+    rank, _ = rank_and_world_size(group) if do_gather else (0, 1)
     local = {m: features[m] for m in modalities}
+    batch = local[modalities[0]].shape[0]
+    local_groups = _check_groups(groups, batch, rank * batch, local[modalities[0]].device, "siglip_loss")
+    negatives = _check_negatives(negatives, local, "siglip_loss")
     # only the column side of each pair (every modality but the first) needs the global batch
     columns = {m: local[m] for m in modalities[1:]}
     glob = gather_features(columns, group) if do_gather else columns  # {m: (world_size * B, D)}
-    batch = local[modalities[0]].shape[0]
-    device = local[modalities[0]].device
+    column_negatives = {m: x for m, x in negatives.items() if m in columns}
+    glob_groups, glob_neg = _gather_extras(local_groups, column_negatives, do_gather, group)
 
-    rows = torch.arange(batch, device=device)
-    signs = -torch.ones(batch, world_size * batch, device=device, dtype=local[modalities[0]].dtype)
-    signs[rows, rows + rank * batch] = 1.0  # (B, N): +1 for this rank's matching pairs
     parts = {}
     for a, b in itertools.combinations(modalities, 2):
-        logits = logit_scale * local[a] @ glob[b].T + logit_bias  # (B, world_size * B)
-        parts[f"{a}-{b}"] = -F.logsigmoid(signs * logits).sum() / batch
+        rows, row_groups = _with_negatives(local[a], local_groups, negatives.get(a))
+        cols, col_groups = _with_negatives(glob[b], glob_groups, glob_neg.get(b))
+        block = _resolve_tile(tile, rows.shape[0], cols.shape[0], "siglip_loss")
+        if block is None:
+            logits = logit_scale * rows @ cols.T + logit_bias
+            signs = _positives(row_groups, col_groups).to(logits.dtype) * 2 - 1
+            parts[f"{a}-{b}"] = -F.logsigmoid(signs * logits).sum() / batch
+        else:
+            mean = tiled_sigmoid(rows, cols, logit_scale, logit_bias, row_groups, col_groups, tile=block)
+            parts[f"{a}-{b}"] = mean * (rows.shape[0] / batch)
     return ContrastiveLossOutput(loss=torch.stack(list(parts.values())).mean(), parts=parts)
 
 
@@ -154,35 +273,69 @@ class ClipLoss(nn.Module):
     """Module form of ``clip_loss``; see it for the arguments."""
 
     def __init__(
-        self, local_loss: bool = False, gather: bool | None = None, group: dist.ProcessGroup | None = None
+        self,
+        local_loss: bool = False,
+        gather: bool | None = None,
+        group: dist.ProcessGroup | None = None,
+        tile: int | str | None = "auto",
     ) -> None:
         super().__init__()
         self.local_loss = local_loss
         self.gather = gather
         self.group = group
+        self.tile = tile
 
-    def forward(self, features: Mapping[str, torch.Tensor], logit_scale: torch.Tensor | float) -> ContrastiveLossOutput:
-        return clip_loss(features, logit_scale, local_loss=self.local_loss, gather=self.gather, group=self.group)
+    def forward(
+        self,
+        features: Mapping[str, torch.Tensor],
+        logit_scale: torch.Tensor | float,
+        groups: torch.Tensor | None = None,
+        negatives: Mapping[str, torch.Tensor] | None = None,
+    ) -> ContrastiveLossOutput:
+        return clip_loss(
+            features,
+            logit_scale,
+            local_loss=self.local_loss,
+            gather=self.gather,
+            group=self.group,
+            groups=groups,
+            negatives=negatives,
+            tile=self.tile,
+        )
 
     def extra_repr(self) -> str:
-        return f"local_loss={self.local_loss}, gather={self.gather}"
+        return f"local_loss={self.local_loss}, gather={self.gather}, tile={self.tile!r}"
 
 
 class SigLipLoss(nn.Module):
     """Module form of ``siglip_loss``; see it for the arguments."""
 
-    def __init__(self, gather: bool | None = None, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, gather: bool | None = None, group: dist.ProcessGroup | None = None, tile: int | str | None = "auto"
+    ) -> None:
         super().__init__()
         self.gather = gather
         self.group = group
+        self.tile = tile
 
     def forward(
         self,
         features: Mapping[str, torch.Tensor],
         logit_scale: torch.Tensor | float,
         logit_bias: torch.Tensor | float | None = None,
+        groups: torch.Tensor | None = None,
+        negatives: Mapping[str, torch.Tensor] | None = None,
     ) -> ContrastiveLossOutput:
-        return siglip_loss(features, logit_scale, logit_bias, gather=self.gather, group=self.group)
+        return siglip_loss(
+            features,
+            logit_scale,
+            logit_bias,
+            gather=self.gather,
+            group=self.group,
+            groups=groups,
+            negatives=negatives,
+            tile=self.tile,
+        )
 
     def extra_repr(self) -> str:
-        return f"gather={self.gather}"
+        return f"gather={self.gather}, tile={self.tile!r}"

@@ -10,12 +10,15 @@ sum of positive logits, number of positives); the backward pass recomputes each 
 
 Positives are given by group ids: ``q_groups (R,)`` and ``k_groups (C,)``, and ``(i, j)`` is a positive
 pair when ``q_groups[i] == k_groups[j]``. Distinct ids per pair give CLIP's diagonal; shared ids (two
-captions of one image, two images of one class) give several positives; a negative id marks a column
-that is only ever a negative (a hard-negative caption). The multi-positive softmax term of a row is
+captions of one image, two images of one class) give several positives; a negative id never matches,
+so it marks a column (or, for the sigmoid loss, a row) that is only ever a negative (a hard-negative
+caption). The multi-positive softmax term of a row is
 the SupCon-style ``logsumexp_j s_ij - mean_{j positive} s_ij``.
 
-Every block's logits are formed in float32 from the inputs' dtype, and statistics and gradients are
-accumulated in float32, so bf16 features lose only the precision of their own products.
+Every block's logits are formed in float32 (float64 for float64 features) from the inputs (bf16
+features are widened before the product), and statistics and gradients are accumulated in that
+precision; gradients are returned in the features' dtype. So bf16 features lose only their own
+rounding, and that of their gradients.
 """
 
 from __future__ import annotations
@@ -31,27 +34,59 @@ def _blocks(n: int, tile: int) -> list[slice]:
     return [slice(start, min(start + tile, n)) for start in range(0, n, tile)]
 
 
-def _backward_blocks(q, k, scale, tile, block_grad):
-    """Walk ``q @ k.T`` in blocks again and accumulate the gradients of ``q``, ``k``, ``scale`` and an additive
-    bias from ``block_grad(I, J, sim)``: the loss's gradient with respect to the logits of block ``(I, J)``, where
-    ``sim`` is that block's ``q[I] @ k[J].T`` in float32 and the logits are ``scale * sim (+ bias)``."""
-    grad_q = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-    grad_k = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    grad_scale = torch.zeros((), device=q.device)
-    grad_bias = torch.zeros((), device=q.device)
-    s_scale = scale.float()
+def _positive(q_groups: torch.Tensor, k_groups: torch.Tensor, I: slice, J: slice) -> torch.Tensor | None:
+    """``(tile_r, tile_c)`` bool: the pairs of block ``(I, J)`` whose group ids match (a negative id never
+    does), or ``None`` when the block has none, found from the ids alone (most blocks of a large batch)."""
+    rows, cols = q_groups[I], k_groups[J]
+    if not bool(torch.isin(rows, cols[cols >= 0]).any()):
+        return None
+    return (rows[:, None] == cols[None, :]) & (cols[None, :] >= 0)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """The dtype blocks are computed and accumulated in: float32, or the features' own if wider (float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _logits(qs: torch.Tensor, kj: torch.Tensor, bias: float) -> torch.Tensor:
+    """One block's logits ``qs @ kj.T + bias`` in ``_acc`` precision, ``qs`` being the block's rows already
+    multiplied by the scale (a ``(tile, D)`` product instead of a ``(tile, tile)`` one)."""
+    out = qs @ kj.to(qs.dtype).T
+    return out.add_(bias) if bias else out
+
+
+def _backward_blocks(q, k, scale: float, bias: float, tile: int, block_grad, need_bias: bool):
+    """Walk the logits ``scale * q @ k.T + bias`` in blocks again and accumulate the gradients of ``q``, ``k``,
+    ``scale`` and ``bias`` from ``block_grad(I, J, logits)``: the loss's gradient with respect to the logits of
+    block ``(I, J)`` (it may overwrite ``logits``).
+
+    The scale's gradient ``sum_ij g_ij * q_i . k_j`` is taken as ``sum_i q_i . (g @ k)_i`` from the product the
+    gradient of ``q`` needs anyway, so no second ``(tile, tile)`` pass is spent on it."""
+    acc = _acc(q)
+    grad_q = torch.zeros(q.shape, device=q.device, dtype=acc)
+    grad_k = torch.zeros(k.shape, device=k.device, dtype=acc)
+    grad_scale = torch.zeros((), device=q.device, dtype=acc)
+    grad_bias = torch.zeros((), device=q.device, dtype=acc)
     for I in _blocks(q.shape[0], tile):
-        qi = q[I]
+        qi = q[I].to(acc)
+        qs = qi * scale
         for J in _blocks(k.shape[0], tile):
-            kj = k[J]
-            sim = (qi @ kj.T).float()  # (tile_r, tile_c)
-            g = block_grad(I, J, sim)
-            grad_scale += (g * sim).sum()
-            grad_bias += g.sum()
-            g = g * s_scale
-            grad_q[I] += g @ kj.float()
-            grad_k[J] += g.T @ qi.float()
+            kj = k[J].to(acc)
+            g = block_grad(I, J, _logits(qs, kj, bias))  # (tile_r, tile_c)
+            gk = g @ kj
+            grad_scale += torch.vdot(qi.flatten(), gk.flatten())
+            grad_q[I].add_(gk, alpha=scale)
+            grad_k[J].addmm_(g.T, qi, alpha=scale)
+            if need_bias:
+                grad_bias += g.sum()
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_scale, grad_bias
+
+
+def _scalar(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor on ``like``'s device; a float becomes ``_acc(like)``, a tensor keeps its dtype (and graph)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.device).reshape(())
+    return torch.tensor(float(value), device=like.device, dtype=_acc(like))
 
 
 def check_tile(tile: int) -> int:
@@ -65,24 +100,28 @@ class _TiledInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale, q_groups, k_groups, tile, columns):
         R, C = q.shape[0], k.shape[0]
-        dev = q.device
-        row_lse = torch.full((R,), float("-inf"), device=dev)
-        row_pos = torch.zeros(R, device=dev)  # sum of positive logits per row
-        row_cnt = torch.zeros(R, device=dev)
-        col_lse = torch.full((C,), float("-inf"), device=dev)
-        col_pos = torch.zeros(C, device=dev)
-        col_cnt = torch.zeros(C, device=dev)
-        s_scale = scale.float()
+        dev, acc = q.device, _acc(q)
+        row_lse = torch.full((R,), float("-inf"), device=dev, dtype=acc)
+        row_pos = torch.zeros(R, device=dev, dtype=acc)  # sum of positive logits per row
+        row_cnt = torch.zeros(R, device=dev, dtype=acc)
+        col_lse = torch.full((C,), float("-inf"), device=dev, dtype=acc)
+        col_pos = torch.zeros(C, device=dev, dtype=acc)
+        col_cnt = torch.zeros(C, device=dev, dtype=acc)
+        a = float(scale)
         for I in _blocks(R, tile):
+            qs = q[I].to(acc) * a
             for J in _blocks(C, tile):
-                s = (q[I] @ k[J].T).float() * s_scale  # (tile_r, tile_c)
-                pos = q_groups[I, None] == k_groups[None, J]  # (tile_r, tile_c)
-                s_pos = torch.where(pos, s, 0.0)
+                s = _logits(qs, k[J], 0.0)  # (tile_r, tile_c)
                 row_lse[I] = torch.logaddexp(row_lse[I], s.logsumexp(dim=1))
+                if columns:
+                    col_lse[J] = torch.logaddexp(col_lse[J], s.logsumexp(dim=0))
+                pos = _positive(q_groups, k_groups, I, J)
+                if pos is None:
+                    continue
+                s_pos = s.masked_fill_(~pos, 0.0)
                 row_pos[I] += s_pos.sum(dim=1)
                 row_cnt[I] += pos.sum(dim=1)
                 if columns:
-                    col_lse[J] = torch.logaddexp(col_lse[J], s.logsumexp(dim=0))
                     col_pos[J] += s_pos.sum(dim=0)
                     col_cnt[J] += pos.sum(dim=0)
         if bool((row_cnt == 0).any()):
@@ -102,21 +141,25 @@ class _TiledInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_row, grad_col):
         q, k, scale, q_groups, k_groups, row_lse, row_cnt, col_lse, col_cnt = ctx.saved_tensors
-        s_scale = scale.float()
-        w_row = grad_row.float() / q.shape[0]
-        w_col = grad_col.float() / max(ctx.n_valid, 1)
-        valid = (k_groups >= 0).float()
+        acc = _acc(q)
+        w_row = float(grad_row) / q.shape[0]
+        w_col = float(grad_col) / max(ctx.n_valid, 1)
+        valid = k_groups >= 0
 
-        def block_grad(I, J, sim):  # d loss / d logits of one block
-            s = sim * s_scale
-            pos = (q_groups[I, None] == k_groups[None, J]).float()
-            g = w_row * (torch.exp(s - row_lse[I, None]) - pos / row_cnt[I, None])
+        def block_grad(I, J, s):  # d loss / d logits of one block
+            g = torch.exp(s - row_lse[I, None]).mul_(w_row)
             if ctx.columns:
-                col = torch.exp(s - col_lse[None, J]) - pos / col_cnt[None, J].clamp(min=1)
-                g += w_col * col * valid[None, J]
+                col = torch.exp(s.sub_(col_lse[None, J])).mul_(w_col)
+                g += col.masked_fill_(~valid[None, J], 0.0) if not bool(valid[J].all()) else col
+            pos = _positive(q_groups, k_groups, I, J)
+            if pos is not None:
+                pos = pos.to(acc)
+                g -= pos * (w_row / row_cnt[I, None])
+                if ctx.columns:
+                    g -= pos * (w_col / col_cnt[None, J].clamp(min=1))
             return g
 
-        grad_q, grad_k, grad_scale, _ = _backward_blocks(q, k, scale, ctx.tile, block_grad)
+        grad_q, grad_k, grad_scale, _ = _backward_blocks(q, k, float(scale), 0.0, ctx.tile, block_grad, False)
         return (
             grad_q,
             grad_k,
@@ -153,20 +196,27 @@ def tiled_infonce(
         ``(row_loss, column_loss)``; the column loss is 0 without ``columns``.
     """
     check_tile(tile)
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device).reshape(())
+    scale = _scalar(scale, q)
     return _TiledInfoNCE.apply(q, k, scale, q_groups, k_groups, tile, columns)
 
 
 class _TiledSigmoid(torch.autograd.Function):
+    # -log sigmoid(z l) with z = +1 on positives and -1 elsewhere is softplus(l) - [positive] * l, and its
+    # derivative is sigmoid(l) - [positive]: the dense part of a block is one softplus (one sigmoid in the
+    # backward pass), and only blocks that hold positives pay for a mask.
     @staticmethod
     def forward(ctx, q, k, scale, bias, q_groups, k_groups, tile):
-        total = torch.zeros((), device=q.device)
-        s_scale, s_bias = scale.float(), bias.float()
+        acc = _acc(q)
+        total = torch.zeros((), device=q.device, dtype=acc)
+        a, b = float(scale), float(bias)
         for I in _blocks(q.shape[0], tile):
+            qs = q[I].to(acc) * a
             for J in _blocks(k.shape[0], tile):
-                logits = (q[I] @ k[J].T).float() * s_scale + s_bias  # (tile_r, tile_c)
-                signs = (q_groups[I, None] == k_groups[None, J]).float() * 2 - 1
-                total -= torch.nn.functional.logsigmoid(signs * logits).sum()
+                logits = _logits(qs, k[J], b)  # (tile_r, tile_c)
+                total += torch.nn.functional.softplus(logits).sum()
+                pos = _positive(q_groups, k_groups, I, J)
+                if pos is not None:
+                    total -= logits[pos].sum()
         ctx.save_for_backward(q, k, scale, bias, q_groups, k_groups)
         ctx.tile = tile
         return total / q.shape[0]
@@ -174,14 +224,18 @@ class _TiledSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, scale, bias, q_groups, k_groups = ctx.saved_tensors
-        s_scale, s_bias = scale.float(), bias.float()
-        weight = grad.float() / q.shape[0]
+        weight = float(grad) / q.shape[0]
 
-        def block_grad(I, J, sim):  # d/dl of -log sigmoid(z l) is -z sigmoid(-z l)
-            signs = (q_groups[I, None] == k_groups[None, J]).float() * 2 - 1
-            return -weight * signs * torch.sigmoid(-signs * (sim * s_scale + s_bias))
+        def block_grad(I, J, logits):
+            g = torch.sigmoid_(logits)
+            pos = _positive(q_groups, k_groups, I, J)
+            if pos is not None:
+                g -= pos.to(g.dtype)
+            return g.mul_(weight)
 
-        grad_q, grad_k, grad_scale, grad_bias = _backward_blocks(q, k, scale, ctx.tile, block_grad)
+        grad_q, grad_k, grad_scale, grad_bias = _backward_blocks(
+            q, k, float(scale), float(bias), ctx.tile, block_grad, ctx.needs_input_grad[3]
+        )
         return (
             grad_q,
             grad_k,
@@ -205,6 +259,5 @@ def tiled_sigmoid(
     """SigLIP's ``-1/R * sum_ij log sigmoid(z_ij * (scale * q_i . k_j + bias))`` in ``tile x tile`` blocks,
     with ``z_ij = +1`` where the group ids match and ``-1`` elsewhere (see ``tiled_infonce`` for the rest)."""
     check_tile(tile)
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device).reshape(())
-    bias = torch.as_tensor(bias, dtype=torch.float32, device=q.device).reshape(())
+    scale, bias = _scalar(scale, q), _scalar(bias, q)
     return _TiledSigmoid.apply(q, k, scale, bias, q_groups, k_groups, tile)

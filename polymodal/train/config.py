@@ -76,6 +76,13 @@ class DataSection:
         builtin: extra arguments of the built-in data's generator, for both splits (e.g.
             ``{two_shape_share: 0.2, max_rotation: 30}`` for ``shapes``; see ``ShapesDataset`` and
             ``TonesDataset``).
+        hard_negatives: wrong captions per training sample added to the text side of the loss
+            (NegCLIP-style): generated for ``shapes`` (``hard_negative_captions``), read from the
+            ``hard_negatives_key`` column of a ``csv`` index (a list of captions; in CSV / TSV as JSON).
+        hard_negatives_key: that column.
+        group_by: a column (or built-in attribute, e.g. ``caption``) whose equal values make two
+            samples of a batch positives of each other (the multi-positive loss); unset: each sample
+            is its own.
     """
 
     source: str = "shapes"
@@ -93,6 +100,9 @@ class DataSection:
     epoch_samples: int | None = None
     augment: bool = False
     builtin: dict[str, Any] = field(default_factory=dict)
+    hard_negatives: int = 0
+    hard_negatives_key: str = "hard_negatives"
+    group_by: str | None = None
 
     def generated_size(self, name: str) -> int:
         """How many pairs the built-in data generates for ``name`` (``"train_size"`` or ``"eval_size"``)."""
@@ -116,6 +126,9 @@ class OptimSection:
         ema_decay: keep an exponential moving average of the weights (``None``: off).
         loss: ``"clip"`` (softmax InfoNCE) or ``"siglip"`` (sigmoid).
         local_loss: with ``clip``, each rank scores only its own rows against the global batch.
+        loss_tile: compute the loss in ``loss_tile x loss_tile`` blocks, recomputed in the backward pass,
+            so its memory is linear in the batch (``polymodal.fusion.tiled``); ``null``: the whole logit
+            matrix at once; ``auto``: tiled when a matrix has more than 4096 x 4096 logits.
         max_nonfinite: stop after this many consecutive steps with a non-finite loss or gradient.
     """
 
@@ -130,6 +143,7 @@ class OptimSection:
     ema_decay: float | None = None
     loss: str = "clip"
     local_loss: bool = False
+    loss_tile: int | str | None = "auto"
     max_nonfinite: int = 5
 
 
@@ -231,6 +245,17 @@ class TrainConfig:
                 f"optim.ema_decay must lie in (0, 1) or be null, got {o.ema_decay}",
             ),
             (o.loss in ("clip", "siglip"), f"optim.loss must be clip or siglip, got {o.loss!r}"),
+            (d.hard_negatives >= 0, f"data.hard_negatives must be >= 0, got {d.hard_negatives}"),
+            (
+                d.hard_negatives == 0 or d.source in ("shapes", "csv"),
+                f"data.hard_negatives needs data.source shapes (generated) or csv (a "
+                f"{d.hard_negatives_key!r} column); got data.source={d.source}",
+            ),
+            (
+                o.loss_tile in ("auto", None)
+                or (isinstance(o.loss_tile, int) and not isinstance(o.loss_tile, bool) and o.loss_tile > 0),
+                f"optim.loss_tile must be auto, null or a positive integer (e.g. 4096), got {o.loss_tile!r}",
+            ),
             (o.max_nonfinite >= 1, f"optim.max_nonfinite must be >= 1, got {o.max_nonfinite}"),
             (
                 d.source in ("shapes", "tones", "csv", "wds"),

@@ -142,7 +142,14 @@ def build_datasets(
             raise ConfigError(f"the built-in shapes are square, but the model takes {height}x{width} images")
         options = {"image_size": height, "tokenizer": tokenizer, **cfg.builtin}
         train = (
-            pd.ShapesDataset("train", cfg.generated_size("train_size"), cfg.seed, transform=train_transform, **options)
+            pd.ShapesDataset(
+                "train",
+                cfg.generated_size("train_size"),
+                cfg.seed,
+                transform=train_transform,
+                hard_negatives=cfg.hard_negatives,
+                **options,
+            )
             if with_train
             else None
         )
@@ -168,9 +175,12 @@ def build_datasets(
     if cfg.source == "csv":
 
         def make(path, transform, role):
+            # hard negatives train; the held-out split is scored without them
+            negatives = {"hard_negatives": cfg.hard_negatives if role == "train" else 0}
+            negatives["hard_negatives_key"] = cfg.hard_negatives_key
             if modality == "image":
                 dataset = pd.ImageTextDataset(
-                    path, transform, tokenizer, image_key=cfg.image_key, caption_key=cfg.caption_key
+                    path, transform, tokenizer, image_key=cfg.image_key, caption_key=cfg.caption_key, **negatives
                 )
             else:
                 dataset = pd.AudioTextDataset(
@@ -180,6 +190,7 @@ def build_datasets(
                     spec.clip_seconds,
                     audio_key=cfg.audio_key,
                     caption_key=cfg.caption_key,
+                    **negatives,
                 )
             key = f"{role}_size"
             return select_rows(dataset, getattr(cfg, key), cfg.seed, role, key)

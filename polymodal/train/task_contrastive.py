@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,13 @@ from .tasks import ForwardRngState, TrainTask, register_task, split_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
+
+
+def stable_id(value: Any) -> int:
+    """A non-negative 63-bit id of ``value`` (its ``str``) that is the same in every process and run (Python's
+    ``hash`` of a string is salted per process)."""
+    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @contextlib.contextmanager
@@ -51,16 +59,23 @@ class StepEmbeddings:
         logit_scale: the similarity multiplier, a scalar shared by every sample.
         logit_bias: the sigmoid loss's bias, or ``None``.
         extra: more per-sample tensors ``{name: (B, ...)}`` that a subclass's loss reads.
+        negatives: ``{modality: (B, N, D)}`` L2-normalised embeddings of each sample's hard negatives.
+        groups: ``(B,)`` group ids (``data.group_by``), or ``None``: each sample is its own group.
     """
 
     embeddings: dict[str, torch.Tensor]
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    negatives: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: torch.Tensor | None = None
 
     def per_sample(self) -> dict[str, torch.Tensor]:
-        """Every tensor with a row per sample, keyed ``embeddings/<modality>`` and ``extra/<name>``."""
+        """Every tensor with a row per sample, keyed ``embeddings/<modality>``, ``negatives/<modality>``,
+        ``groups/`` (integer: it gets no gradient) and ``extra/<name>``."""
         rows = {f"embeddings/{m}": e for m, e in self.embeddings.items()}
+        rows |= {f"negatives/{m}": e for m, e in self.negatives.items()}
+        rows |= {} if self.groups is None else {"groups/": self.groups}
         return rows | {f"extra/{k}": v for k, v in self.extra.items()}
 
     def shared(self) -> dict[str, torch.Tensor]:
@@ -71,11 +86,18 @@ class StepEmbeddings:
     @classmethod
     def from_tensors(cls, per_sample: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> StepEmbeddings:
         """The inverse of ``per_sample`` and ``shared``."""
-        groups: dict[str, dict[str, torch.Tensor]] = {"embeddings": {}, "extra": {}}
+        parts: dict[str, dict[str, torch.Tensor]] = {"embeddings": {}, "extra": {}, "negatives": {}, "groups": {}}
         for key, value in per_sample.items():
-            group, name = key.split("/", 1)
-            groups[group][name] = value
-        return cls(groups["embeddings"], shared["logit_scale"], shared.get("logit_bias"), groups["extra"])
+            part, name = key.split("/", 1)
+            parts[part][name] = value
+        return cls(
+            parts["embeddings"],
+            shared["logit_scale"],
+            shared.get("logit_bias"),
+            parts["extra"],
+            parts["negatives"],
+            parts["groups"].get(""),
+        )
 
 
 @register_task
@@ -126,16 +148,54 @@ class ContrastiveTask(TrainTask):
             raise ValueError(f"the data has {missing} but model {self.cfg.model.name!r} has towers {model.modalities}")
         return data
 
+    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The model's inputs for ``batch``: each modality's, with the hard-negative captions (``(B, N, L)``
+        ``text_negatives``) appended to the text batch, so one forward pass embeds both."""
+        inputs = {m: batch.inputs[m] for m in self.modalities(batch)}
+        negatives = batch.inputs.get("text_negatives")
+        if negatives is not None:
+            inputs["text"] = torch.cat([inputs["text"], negatives.flatten(0, 1)])
+        return inputs
+
     def step_embeddings(self, out: Any) -> StepEmbeddings:
-        """What the loss needs of the model's forward output (a ``ContrastiveOutput``), in float32."""
+        """What the loss needs of the model's forward output (a ``ContrastiveOutput``), in float32; text rows
+        beyond the batch are its hard negatives (``model_inputs``), returned as ``negatives["text"]``."""
         bias = out.logit_bias.float() if out.logit_bias is not None else None
-        return StepEmbeddings({m: e.float() for m, e in out.embeddings.items()}, out.logit_scale.float(), bias)
+        embeddings = {m: e.float() for m, e in out.embeddings.items()}
+        negatives = {}
+        batch = min(e.shape[0] for e in embeddings.values())
+        if "text" in embeddings and embeddings["text"].shape[0] > batch:
+            text = embeddings["text"]
+            embeddings["text"] = text[:batch]
+            negatives["text"] = text[batch:].reshape(batch, -1, text.shape[-1])  # (B, N, D)
+        return StepEmbeddings(embeddings, out.logit_scale.float(), bias, negatives=negatives)
+
+    def forward_step(self, forward: nn.Module, batch: Batch) -> StepEmbeddings:
+        """One forward pass over ``batch`` as the loss sees it, with the batch's group ids."""
+        step = self.step_embeddings(forward(**self.model_inputs(batch)))
+        step.groups = self.group_ids(batch, step.logit_scale.device)
+        return step
+
+    def group_ids(self, batch: Batch, device: torch.device) -> torch.Tensor | None:
+        """``(B,)`` ids equal where the samples' ``data.group_by`` values are (``None`` when unset). Ids are
+        a stable hash of the value, so they agree across ranks and data workers without a shared table."""
+        key = self.cfg.data.group_by
+        if key is None:
+            return None
+        missing = [i for i, meta in enumerate(batch.meta) if key not in meta]
+        if missing:
+            have = sorted(batch.meta[missing[0]])
+            raise ValueError(f"data.group_by={key!r}: a sample has no {key!r} (its fields are {have})")
+        return torch.tensor([stable_id(meta[key]) for meta in batch.meta], dtype=torch.long, device=device)
 
     def contrastive_loss(self, step: StepEmbeddings) -> torch.Tensor:
-        """The loss ``optim.loss`` names (CLIP or SigLIP) over the global batch."""
-        if self.cfg.optim.loss == "siglip":
-            return siglip_loss(step.embeddings, step.logit_scale, step.logit_bias).loss
-        return clip_loss(step.embeddings, step.logit_scale, local_loss=self.cfg.optim.local_loss).loss
+        """The loss ``optim.loss`` names (CLIP or SigLIP) over the global batch, with the step's group ids and
+        hard negatives."""
+        o = self.cfg.optim
+        extras = {"groups": step.groups, "negatives": {m: x.flatten(0, 1) for m, x in step.negatives.items()}}
+        if o.loss == "siglip":
+            return siglip_loss(step.embeddings, step.logit_scale, step.logit_bias, tile=o.loss_tile, **extras).loss
+        return clip_loss(step.embeddings, step.logit_scale, local_loss=o.local_loss, tile=o.loss_tile, **extras).loss
 
     def loss_targets(self, batch: Batch) -> Any:
         """What the loss needs of ``batch`` besides the model's outputs (nothing here; a teacher's
@@ -152,8 +212,7 @@ class ContrastiveTask(TrainTask):
         return self.contrastive_loss(step)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        out = model(**{m: batch.inputs[m] for m in self.modalities(batch)})
-        return self.loss_from_embeddings(self.step_embeddings(out), self.loss_targets(batch))
+        return self.loss_from_embeddings(self.forward_step(model, batch), self.loss_targets(batch))
 
     @staticmethod
     def modalities(batch: Batch) -> list[str]:
@@ -170,37 +229,39 @@ class ContrastiveTask(TrainTask):
            output gradients, so parameters get exactly the full-batch gradient.
         """
         model, forward = trainer.model, trainer.forward_model
-        micro = [{m: part.inputs[m] for m in self.modalities(part)} for part in split_batch(batch, chunks)]
+        micro = split_batch(batch, chunks)
         rng, cached, shared = [], [], None
         with torch.no_grad():
-            for inputs in micro:
+            for part in micro:
                 rng.append(ForwardRngState(trainer.device))
                 with _frozen_buffers(model), trainer.autocast():
-                    step = self.step_embeddings(forward(**inputs))
+                    step = self.forward_step(forward, part)
                 cached.append(step.per_sample())
                 shared = step.shared() if shared is None else shared  # the same parameters for every part
             with trainer.autocast():
                 targets = self.loss_targets(batch)  # once for the whole batch, never per micro-batch
-        full = {k: torch.cat([c[k] for c in cached]).requires_grad_(True) for k in cached[0]}
+        full = {k: torch.cat([c[k] for c in cached]) for k in cached[0]}
+        for value in full.values():
+            value.requires_grad_(value.is_floating_point())  # group ids are integers
         shared = {k: v.detach().requires_grad_(True) for k, v in shared.items()}
         loss = self.loss_from_embeddings(StepEmbeddings.from_tensors(full, shared), targets)
-        leaves = {**full, **{f"shared/{k}": v for k, v in shared.items()}}
+        leaves = {k: v for k, v in full.items() if v.requires_grad} | {f"shared/{k}": v for k, v in shared.items()}
         # an output the loss does not read (the bias under the CLIP loss) gets no gradient
         grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
         offset, n = 0, len(micro)
-        for i, inputs in enumerate(micro):
-            size = next(iter(cached[i].values())).shape[0]
+        for i, part in enumerate(micro):
+            size = len(part)
             sync = i == n - 1 or not hasattr(forward, "no_sync")
             context = contextlib.nullcontext() if sync else forward.no_sync()
             rng[i].restore()
             with context:
                 with trainer.autocast():
-                    step = self.step_embeddings(forward(**inputs))
+                    step = self.forward_step(forward, part)
                 # a surrogate whose gradient w.r.t. the parameters is the full-batch gradient
                 terms = [
                     (value * grads[k][offset : offset + size]).sum()
                     for k, value in step.per_sample().items()
-                    if grads[k] is not None
+                    if grads.get(k) is not None
                 ]
                 terms += [
                     value * grads[f"shared/{k}"] / n

@@ -162,6 +162,11 @@ class DistillTask(ContrastiveTask):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
+        if cfg.data.hard_negatives:
+            raise ValueError(
+                "task distill does not take data.hard_negatives (the teacher would have to embed them too); "
+                "set it to 0, or train them with task contrastive"
+            )
         # a missing, untrained or non-contrastive teacher fails before anything is built or written
         self.reference, self.teacher_weights = check_teacher(self.opts.teacher, self.opts.teacher_pretrained)
         self.teacher: Teacher | None = None
@@ -191,9 +196,7 @@ class DistillTask(ContrastiveTask):
     def build_data(self, model: nn.Module) -> RunData:
         data = super().build_data(model)
         student = self.contrastive_model(model).config
-        self.teacher = load_teacher(
-            self.reference, self.teacher_weights, student, list(data.modalities), self.device
-        )
+        self.teacher = load_teacher(self.reference, self.teacher_weights, student, list(data.modalities), self.device)
         return data
 
     def step_embeddings(self, out: DistillationOutput) -> StepEmbeddings:

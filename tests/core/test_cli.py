@@ -123,8 +123,8 @@ def test_train_config_errors_are_one_line_naming_the_file(tmp_path):
     assert line_is(
         train_fails(str(good), "optim.betass=[0.9, 0.99]"),
         f"error: '{good}': unknown key(s) ['betass'] in optim; expected some of "
-        "['accum_steps', 'betas', 'ema_decay', 'eps', 'grad_clip', 'local_loss', 'loss', 'lr', 'max_nonfinite', "
-        "'min_lr_ratio', 'warmup_steps', 'weight_decay']",
+        "['accum_steps', 'betas', 'ema_decay', 'eps', 'grad_clip', 'local_loss', 'loss', 'loss_tile', 'lr', "
+        "'max_nonfinite', 'min_lr_ratio', 'warmup_steps', 'weight_decay']",
     )
 
 

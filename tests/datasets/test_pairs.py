@@ -1,5 +1,6 @@
 """read_index and the index-file pair datasets (image-text, audio-text)."""
 
+import csv
 import io
 import json
 
@@ -302,3 +303,52 @@ def test_audio_text_items_and_skips(tmp_path, tokenizer):
     assert batch.inputs["audio"].shape == (2, 16000) and batch.skipped == {"silent_audio": 1, "missing_file": 1}
     with pytest.raises(ValueError, match="positive"):
         AudioTextDataset(index, tokenizer, sample_rate=16000, clip_seconds=0)
+
+
+def test_hard_negatives_column_in_csv_and_jsonl(tmp_path, tokenizer):
+    """A list of captions per row (JSON text in CSV, a list in JSON Lines), repeated up to the count asked;
+    a cell that is not a non-empty list of captions skips its row, counted as bad_hard_negatives."""
+    _save(Image.new("RGB", (8, 8), (200, 30, 30)), tmp_path / "a.png")
+    rows = [
+        ["a.png", "a red square", '["a blue square", "a red circle", "a red star"]'],
+        ["a.png", "a red square", '["a blue square"]'],
+        ["a.png", "a red square", "a blue square"],  # not JSON
+        ["a.png", "a red square", "[]"],
+        ["a.png", "a red square", '["a blue square", 3]'],
+        ["a.png", "a red square", '{"a": "b"}'],
+        ["a.png", "a red square", ""],
+    ]
+    index = tmp_path / "index.csv"
+    with index.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "hard_negatives"])
+        writer.writerows(rows)
+    transform = image_transform(8, False)
+    dataset = ImageTextDataset(index, transform, tokenizer, hard_negatives=2)
+    first, second = dataset[0], dataset[1]
+    assert first["text_negatives"].shape == (2, CONTEXT) and first["text_negatives"].dtype == torch.long
+    assert torch.equal(first["text_negatives"], tokenizer(["a blue square", "a red circle"]))
+    assert torch.equal(second["text_negatives"], tokenizer(["a blue square", "a blue square"]))
+    bad = [dataset[i] for i in range(2, len(rows))]
+    assert all(isinstance(b, SkippedSample) and b.reason == "bad_hard_negatives" for b in bad)
+    assert "row 2" in bad[0].detail and "'hard_negatives'" in bad[0].detail
+    batch = collate_samples([dataset[i] for i in range(len(rows))])
+    assert batch.inputs["text_negatives"].shape == (2, 2, CONTEXT)
+    assert batch.skipped == {"bad_hard_negatives": 5}
+    # without hard_negatives the column is just metadata, and none is required
+    assert "text_negatives" not in ImageTextDataset(index, transform, tokenizer)[2]
+    with pytest.raises(InputError, match="no column 'negs'"):
+        ImageTextDataset(index, transform, tokenizer, hard_negatives=1, hard_negatives_key="negs")
+    with pytest.raises(ValueError, match="hard_negatives must be a non-negative integer"):
+        ImageTextDataset(index, transform, tokenizer, hard_negatives=-1)
+
+    jsonl = tmp_path / "index.jsonl"
+    jsonl.write_text(
+        json.dumps({"image": "a.png", "caption": "a red square", "hard_negatives": ["a red ring"]})
+        + "\n"
+        + json.dumps({"image": "a.png", "caption": "a red square", "hard_negatives": "a red ring"})
+        + "\n"
+    )
+    rows = ImageTextDataset(jsonl, transform, tokenizer, hard_negatives=1)
+    assert torch.equal(rows[0]["text_negatives"], tokenizer(["a red ring"]))
+    assert rows[1].reason == "bad_hard_negatives"

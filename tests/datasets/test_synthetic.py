@@ -29,8 +29,10 @@ from polymodal.datasets.synthetic_shapes import (
     ShapesDataset,
     colour_prompts,
     combo_prompts,
+    hard_negative_captions,
     make_shape_sample,
     shape_prompts,
+    single_shape_captions,
 )
 from polymodal.datasets.synthetic_tones import (
     TONE_PATTERNS,
@@ -215,6 +217,65 @@ def test_captions_name_every_shape_and_colour_in_varied_wording():
             skeleton = re.sub(rf"\b{word}\b", "_", skeleton)
         skeletons.add(re.sub(r"\ban? _", "a _", skeleton))
     assert len(skeletons) >= 12
+
+
+def _stated(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) of each object a caption states, in order (single-shape templates may name the
+    shape first: "a square coloured blue")."""
+    colours = re.findall(rf"\b({'|'.join(COLOURS)})\b", caption)
+    shapes = re.findall(rf"\b({'|'.join(SHAPES)})\b", caption)
+    assert len(colours) == len(shapes), caption
+    return list(zip(colours, shapes))
+
+
+def test_hard_negatives_are_close_to_the_caption_and_wrong():
+    from polymodal.datasets.synthetic import sample_rng
+
+    kinds = Counter()
+    for index in range(600):
+        sample = make_shape_sample(index, "train", seed=1, image_size=32, two_shape_share=0.5)
+        rng = sample_rng("shapes-negatives", 1, "train", index)
+        negatives = hard_negative_captions(sample.caption, sample.attrs, 3, rng)
+        assert len(negatives) == 3 and sample.caption not in negatives
+        true = [(s["colour"], s["shape"]) for s in sample.attrs["shapes"]]
+        for negative in negatives:
+            stated = _stated(negative)
+            assert len(stated) == len(true)
+            if len(true) == 1:
+                # one thing changed, and no template gives this image that caption
+                s = sample.attrs["shapes"][0]
+                assert negative not in single_shape_captions(s["shape"], s["colour"], s["size"], s["position"])
+                assert (stated[0][0] == true[0][0]) != (stated[0][1] == true[0][1])
+                kinds["colour" if stated[0][1] == true[0][1] else "shape"] += 1
+            elif stated == _stated(sample.caption)[::-1]:
+                assert " to the left of " in negative or " above " in negative  # the order carries meaning
+                kinds["swap"] += 1
+            else:
+                assert set(stated) != set(true)  # another pair of objects than the image shows
+                kinds["pair attribute"] += 1
+        if " to the left of " in sample.caption or " above " in sample.caption:
+            assert _stated(negatives[0]) == _stated(sample.caption)[::-1]  # the swap comes first
+    assert min(kinds.values()) > 30 and set(kinds) == {"colour", "shape", "swap", "pair attribute"}
+
+
+def test_shapes_dataset_hard_negatives_leave_the_samples_unchanged():
+    from polymodal.encoders import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(context_length=16)
+    plain = ShapesDataset("train", n=6, seed=2, image_size=32, transform=to_tensor, tokenizer=tokenizer)
+    negs = ShapesDataset(
+        "train", n=6, seed=2, image_size=32, transform=to_tensor, tokenizer=tokenizer, hard_negatives=2
+    )
+    for i in range(6):
+        a, b = plain[i], negs[i]
+        assert np.array_equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+        assert b["text_negatives"].shape == (2, 16)
+        assert torch.equal(b["text_negatives"], tokenizer(b["meta"]["hard_negatives"]))
+        assert torch.equal(negs[i]["text_negatives"], b["text_negatives"])  # deterministic
+    with pytest.raises(ValueError, match="hard_negatives must be a non-negative integer"):
+        ShapesDataset(n=2, tokenizer=tokenizer, hard_negatives=-1)
+    with pytest.raises(ValueError, match="hard_negatives needs a tokenizer"):
+        ShapesDataset(n=2, hard_negatives=1)
 
 
 def test_shape_prompt_helpers():

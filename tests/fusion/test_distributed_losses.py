@@ -26,7 +26,22 @@ CASES = {
     "siglip": ("siglip", ("image", "text"), {}),
     "siglip_3": ("siglip", ("audio", "image", "text"), {}),
     "clip_no_gather": ("clip", ("image", "text"), {"gather": False}),
+    # tiled, with several positives per sample (global group ids) and hard-negative texts from every rank
+    "clip_tiled_groups_negatives": ("clip", ("image", "text"), {"tile": 3, "groups": True, "negatives": ("text",)}),
+    "clip_local_tiled_groups_negatives": (
+        "clip",
+        ("audio", "image", "text"),
+        {"local_loss": True, "tile": 2, "groups": True, "negatives": ("image", "text")},
+    ),
+    "clip_dense_groups_negatives": ("clip", ("image", "text"), {"tile": None, "groups": True, "negatives": ("text",)}),
+    "siglip_tiled_groups_negatives": (
+        "siglip",
+        ("image", "text"),
+        {"tile": 3, "groups": True, "negatives": ("image", "text")},
+    ),
 }
+GLOBAL_GROUPS = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])  # samples 0-1 and 3-5 are positives across the rank split
+NEGATIVES_PER_RANK = 3
 
 
 class _Towers(nn.Module):
@@ -42,9 +57,10 @@ class _Towers(nn.Module):
             init_logit_bias=-3.0 if siglip else None,
         )
 
-    def forward(self, inputs):
+    def forward(self, inputs, negative_inputs=None):
         features = self.align({m: enc(inputs[m]) for m, enc in self.encoders.items()})
-        return features, self.align.scale(), self.align.logit_bias
+        negatives = {m: self.align.project(m, self.encoders[m](x)) for m, x in sorted((negative_inputs or {}).items())}
+        return features, negatives, self.align.scale(), self.align.logit_bias
 
 
 def _build(case):
@@ -60,12 +76,29 @@ def _global_inputs(modalities):
     }
 
 
-def _loss(case, model, inputs):
-    kind, _, kwargs = CASES[case]
-    features, scale, bias = model(inputs)
+def _global_negative_inputs(modalities):
+    g = torch.Generator().manual_seed(2)
+    return {
+        m: torch.randn(WORLD_SIZE * NEGATIVES_PER_RANK, INPUT_DIMS[m], generator=g, dtype=torch.float64)
+        for m in modalities
+    }
+
+
+def _loss(case, model, rank=None):
+    """The case's loss on this rank's share of the global batch (``rank=None``: all of it, one process)."""
+    kind, modalities, kwargs = CASES[case]
+    kwargs = dict(kwargs)
+    share = (lambda x, n: x) if rank is None else (lambda x, n: x[rank * n : (rank + 1) * n])
+    inputs = {m: share(x, LOCAL_BATCH) for m, x in _global_inputs(modalities).items()}
+    negative_inputs = {
+        m: share(x, NEGATIVES_PER_RANK) for m, x in _global_negative_inputs(kwargs.pop("negatives", ())).items()
+    }
+    if kwargs.pop("groups", False):
+        kwargs["groups"] = share(GLOBAL_GROUPS, LOCAL_BATCH)
+    features, negatives, scale, bias = model(inputs, negative_inputs)
     if kind == "clip":
-        return clip_loss(features, scale, **kwargs)
-    return siglip_loss(features, scale, bias, **kwargs)
+        return clip_loss(features, scale, negatives=negatives, **kwargs)
+    return siglip_loss(features, scale, bias, negatives=negatives, **kwargs)
 
 
 def _worker(rank, init_file, out_dir):
@@ -81,10 +114,7 @@ def _worker(rank, init_file, out_dir):
         results = {}
         for case in CASES:
             model = DistributedDataParallel(_build(case))
-            inputs = {
-                m: x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH] for m, x in _global_inputs(CASES[case][1]).items()
-            }
-            out = _loss(case, model, inputs)
+            out = _loss(case, model, rank)
             out.loss.backward()
             results[case] = {
                 "loss": out.loss.detach(),
@@ -129,7 +159,7 @@ def test_distributed_losses_match_single_process(tmp_path):
     close = {"rtol": 1e-9, "atol": 1e-10}
     for case in CASES:
         model = _build(case)
-        ref = _loss(case, model, _global_inputs(CASES[case][1]))
+        ref = _loss(case, model)
         ref.loss.backward()
         ref_grads = {n: p.grad for n, p in model.named_parameters()}
         assert all(g is not None and g.abs().sum() > 0 for g in ref_grads.values())

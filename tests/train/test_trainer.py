@@ -1,5 +1,6 @@
 """The trainer on tiny runs: loss falls, resume is exact, accumulation is exact, bad steps are skipped."""
 
+import copy
 import json
 
 import pytest
@@ -49,11 +50,8 @@ def test_resume_is_exact(make_config, tmp_path, monkeypatch):
     assert resumed.samples_seen == straight.samples_seen
 
 
-def test_gradient_accumulation_equals_full_batch(make_config):
-    full = Trainer(TrainConfig.from_dict(make_config()))
-    accum = Trainer(TrainConfig.from_dict(make_config(optim={"accum_steps": 4})))
-    accum.model.load_state_dict(full.model.state_dict())
-    batch = next(full._batches())
+def assert_same_step(full: Trainer, accum: Trainer, batch) -> None:
+    """One optimiser step of each on ``batch`` gives the same loss, gradient norm and weights."""
     loss_full, norm_full, _ = full.train_step(batch)
     loss_acc, norm_acc, _ = accum.train_step(batch)
     torch.testing.assert_close(loss_acc, loss_full, rtol=1e-5, atol=1e-6)
@@ -61,6 +59,37 @@ def test_gradient_accumulation_equals_full_batch(make_config):
     a, b = params(full.model), params(accum.model)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_gradient_accumulation_equals_full_batch(make_config):
+    full = Trainer(TrainConfig.from_dict(make_config()))
+    accum = Trainer(TrainConfig.from_dict(make_config(optim={"accum_steps": 4})))
+    accum.model.load_state_dict(full.model.state_dict())
+    batch = next(full._batches())
+    assert_same_step(full, accum, batch)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_tiled_loss_steps_equal_the_dense_loss_with_and_without_accumulation(make_config, loss):
+    """optim.loss_tile: a tiled loss (blocks of 5 on a batch of 16) gives the dense loss's steps, also with
+    GradCache accumulation, whose loss over cached embeddings goes through the same tiled function."""
+    results, start, batch = [], None, None
+    for tile, accum in ((None, 1), (5, 1), (5, 4)):
+        cfg = make_config(optim={"loss": loss, "loss_tile": tile, "accum_steps": accum})
+        if loss == "siglip":
+            cfg["model"]["overrides"]["init_logit_bias"] = -10.0
+        trainer = Trainer(TrainConfig.from_dict(cfg))
+        if start is None:
+            start = copy.deepcopy(trainer.model.state_dict())
+            batch = next(trainer._batches())
+        trainer.model.load_state_dict(start)
+        results.append((trainer, trainer.train_step(batch)[0]))
+    (dense, want), *tiled = results
+    for trainer, got in tiled:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        a, b = params(dense.model), params(trainer.model)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_non_finite_steps_are_skipped_then_stop(make_config, tmp_path, monkeypatch):
@@ -109,3 +138,60 @@ def test_checkpoint_save_failure_keeps_previous(make_config, tmp_path, monkeypat
     assert ckpt.resolve_resume(tmp_path / "run", "latest") == previous
     from_pretrained(previous)
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_hard_negatives_and_groups_reach_the_loss_and_accumulate_exactly(make_config, loss):
+    """data.hard_negatives and data.group_by: the trainer's loss is clip_loss / siglip_loss on the model's own
+    embeddings of the captions and of their hard negatives, with positives wherever two shapes share a colour;
+    GradCache (accum_steps 4) gives the full batch's step."""
+    from polymodal.fusion import clip_loss, siglip_loss
+    from polymodal.train.task_contrastive import stable_id
+
+    data = {"hard_negatives": 2, "group_by": "colour", "builtin": {"two_shape_share": 0.0}}
+    cfg = make_config(optim={"loss": loss, "loss_tile": 7}, data=data)
+    if loss == "siglip":
+        cfg["model"]["overrides"]["init_logit_bias"] = -10.0
+    full = Trainer(TrainConfig.from_dict(cfg))
+    accum = Trainer(TrainConfig.from_dict({**cfg, "optim": {**cfg["optim"], "accum_steps": 4}}))
+    accum.model.load_state_dict(full.model.state_dict())
+    batch = next(full._batches())
+    assert batch.inputs["text_negatives"].shape[:2] == (16, 2)
+
+    model = full.model
+    images = model.encode_image(batch.inputs["image"], normalize=True)
+    texts = model.encode_text(batch.inputs["text"], normalize=True)
+    negatives = model.encode_text(batch.inputs["text_negatives"].flatten(0, 1), normalize=True)
+    colours = [m["colour"] for m in batch.meta]
+    groups = torch.tensor([stable_id(c) for c in colours])
+    extras = {"groups": groups, "negatives": {"text": negatives}, "tile": None}
+    scale = model.alignment.scale()
+    if loss == "clip":
+        want = clip_loss({"image": images, "text": texts}, scale, **extras).loss
+    else:
+        want = siglip_loss({"image": images, "text": texts}, scale, model.alignment.logit_bias, **extras).loss
+    got = full.task.loss(model, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # and the negatives and groups change it: neither is silently dropped
+    plain = clip_loss if loss == "clip" else lambda f, s, **k: siglip_loss(f, s, model.alignment.logit_bias, **k)
+    with torch.no_grad():
+        no_negatives = plain({"image": images, "text": texts}, scale, groups=groups).loss
+        no_groups = plain({"image": images, "text": texts}, scale, negatives={"text": negatives}).loss
+    assert abs(no_negatives.item() - got.item()) > 1e-3
+    assert len(set(colours)) < len(colours)  # 16 samples, 8 colours: some share one, so the groups matter
+    assert abs(no_groups.item() - got.item()) > 1e-4
+
+    assert_same_step(full, accum, batch)
+
+
+def test_bad_hard_negative_and_group_options_are_refused(make_config):
+    from polymodal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.hard_negatives must be >= 0"):
+        TrainConfig.from_dict(make_config(data={"hard_negatives": -1}))
+    with pytest.raises(ConfigError, match="data.hard_negatives needs data.source shapes"):
+        TrainConfig.from_dict(make_config(data={"source": "tones", "hard_negatives": 1}))
+    trainer = Trainer(TrainConfig.from_dict(make_config(data={"group_by": "label"})))
+    batch = next(trainer._batches())
+    with pytest.raises(ValueError, match=r"data.group_by='label': a sample has no 'label' \(its fields are \["):
+        trainer.task.loss(trainer.model, batch)
