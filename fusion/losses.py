@@ -38,7 +38,7 @@ from torch import nn
 
 from .distributed import all_gather_with_grad, gather_features, rank_and_world_size, resolve_gather
 from .inputs import check_paired_features
-from .tiled import DEFAULT_TILE, check_tile, tiled_infonce, tiled_sigmoid
+from .tiled import DEFAULT_TILE, check_tile, positive_mask, tiled_infonce, tiled_sigmoid
 
 
 @dataclass
@@ -115,14 +115,18 @@ def _with_negatives(x: torch.Tensor, groups: torch.Tensor, negatives: torch.Tens
     return torch.cat([x, negatives]), torch.cat([groups, groups.new_full((negatives.shape[0],), -1)])
 
 
-def _positives(q_groups: torch.Tensor, k_groups: torch.Tensor) -> torch.Tensor:
-    return (q_groups[:, None] == k_groups[None, :]) & (k_groups[None, :] >= 0)
-
-
-def _dense_infonce(q, k, scale, q_groups, k_groups, columns: bool):
-    """``tiled_infonce`` over the whole logit matrix at once (autograd keeps it)."""
+def _dense_infonce(q, k, scale, q_groups, k_groups, columns: bool, one_each: bool):
+    """``tiled_infonce`` over the whole logit matrix at once (autograd keeps it). ``one_each``: the default
+    groups, where a row's group id is the index of its one positive column (and, with ``columns``, the rows
+    are the whole batch in order), so plain cross entropy with those labels needs no ``(R, C)`` mask."""
     logits = scale * q @ k.T
-    pos = _positives(q_groups, k_groups).to(logits.dtype)
+    if one_each:
+        row = F.cross_entropy(logits, q_groups)
+        if not columns:
+            return row, row.new_zeros(())
+        valid = k_groups >= 0
+        return row, F.cross_entropy(logits.T[valid], k_groups[valid])
+    pos = positive_mask(q_groups, k_groups).to(logits.dtype)
     row = F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))  # SupCon: lse - mean of positive logits
     if not columns:
         return row, row.new_zeros(())
@@ -131,10 +135,10 @@ def _dense_infonce(q, k, scale, q_groups, k_groups, columns: bool):
     return row, F.cross_entropy(logits.T[valid], pos_t / pos_t.sum(1, keepdim=True))
 
 
-def _infonce(q, k, scale, q_groups, k_groups, tile, columns: bool, name: str):
+def _infonce(q, k, scale, q_groups, k_groups, tile, columns: bool, one_each: bool, name: str):
     block = _resolve_tile(tile, q.shape[0], k.shape[0], name)
     if block is None:
-        return _dense_infonce(q, k, scale, q_groups, k_groups, columns)
+        return _dense_infonce(q, k, scale, q_groups, k_groups, columns, one_each)
     return tiled_infonce(q, k, scale, q_groups, k_groups, tile=block, columns=columns)
 
 
@@ -192,6 +196,7 @@ def clip_loss(
     negatives = _check_negatives(negatives, local, "clip_loss")
     glob = gather_features(local, group) if do_gather else local  # {m: (world_size * B, D)}
     glob_groups, glob_neg = _gather_extras(local_groups, negatives, do_gather, group)
+    one_each = groups is None  # default ids: each equals the index of its sample's column in the global batch
 
     parts = {}
     for a, b in itertools.combinations(modalities, 2):
@@ -200,10 +205,10 @@ def clip_loss(
             # each direction on its own: this rank's rows (or all rows) against every column of the other side
             rows, row_groups = (local, local_groups) if local_loss else (glob, glob_groups)
             cols_a, k_groups_a = _with_negatives(glob[a], glob_groups, glob_neg.get(a))
-            ab, _ = _infonce(rows[a], cols_b, logit_scale, row_groups, k_groups_b, tile, False, "clip_loss")
-            ba, _ = _infonce(rows[b], cols_a, logit_scale, row_groups, k_groups_a, tile, False, "clip_loss")
+            ab, _ = _infonce(rows[a], cols_b, logit_scale, row_groups, k_groups_b, tile, False, one_each, "clip_loss")
+            ba, _ = _infonce(rows[b], cols_a, logit_scale, row_groups, k_groups_a, tile, False, one_each, "clip_loss")
         else:  # both directions from one (N, N + K) matrix: its rows and its columns
-            ab, ba = _infonce(glob[a], cols_b, logit_scale, glob_groups, k_groups_b, tile, True, "clip_loss")
+            ab, ba = _infonce(glob[a], cols_b, logit_scale, glob_groups, k_groups_b, tile, True, one_each, "clip_loss")
         parts[f"{a}-{b}"] = (ab + ba) / 2
     return ContrastiveLossOutput(loss=torch.stack(list(parts.values())).mean(), parts=parts)
 
@@ -261,7 +266,7 @@ def siglip_loss(
         block = _resolve_tile(tile, rows.shape[0], cols.shape[0], "siglip_loss")
         if block is None:
             logits = logit_scale * rows @ cols.T + logit_bias
-            signs = _positives(row_groups, col_groups).to(logits.dtype) * 2 - 1
+            signs = positive_mask(row_groups, col_groups).to(logits.dtype) * 2 - 1
             parts[f"{a}-{b}"] = -F.logsigmoid(signs * logits).sum() / batch
         else:
             mean = tiled_sigmoid(rows, cols, logit_scale, logit_bias, row_groups, col_groups, tile=block)

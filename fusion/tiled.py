@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DEFAULT_TILE", "check_tile", "tiled_infonce", "tiled_sigmoid"]
+__all__ = ["DEFAULT_TILE", "check_tile", "positive_mask", "tiled_infonce", "tiled_sigmoid"]
 
 DEFAULT_TILE = 2048  # 16 MiB of fp32 logits per block: small next to features of a large batch
 
@@ -34,13 +34,18 @@ def _blocks(n: int, tile: int) -> list[slice]:
     return [slice(start, min(start + tile, n)) for start in range(0, n, tile)]
 
 
+def positive_mask(q_groups: torch.Tensor, k_groups: torch.Tensor) -> torch.Tensor:
+    """``(R, C)`` bool: the pairs whose group ids match; a negative id never does (the one positive rule)."""
+    return (q_groups[:, None] == k_groups[None, :]) & (k_groups[None, :] >= 0)
+
+
 def _positive(q_groups: torch.Tensor, k_groups: torch.Tensor, I: slice, J: slice) -> torch.Tensor | None:
-    """``(tile_r, tile_c)`` bool: the pairs of block ``(I, J)`` whose group ids match (a negative id never
-    does), or ``None`` when the block has none, found from the ids alone (most blocks of a large batch)."""
+    """``positive_mask`` of block ``(I, J)``, or ``None`` when the block has no positive, found from the ids
+    alone (most blocks of a large batch)."""
     rows, cols = q_groups[I], k_groups[J]
     if not bool(torch.isin(rows, cols[cols >= 0]).any()):
         return None
-    return (rows[:, None] == cols[None, :]) & (cols[None, :] >= 0)
+    return positive_mask(rows, cols)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
