@@ -153,23 +153,34 @@ def _resolve(value: object, root: Path, column: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def read_hard_negatives(value: object, n: int, column: str) -> list[str]:
-    """``n`` hard-negative captions from an index cell: a list of captions (JSON Lines), or the text of a JSON
-    list (CSV / TSV), repeated in turn when it holds fewer than ``n``.
+def read_hard_negatives(value: object, n: int, column: str, what: str = "column") -> list[str]:
+    """``n`` hard-negative captions from an index cell or a shard's json field: a list of captions (JSON Lines,
+    WebDataset json), or the text of a JSON list (CSV / TSV): its first ``n``, repeated in turn when it holds fewer.
+
+    The one rule for hard negatives wherever they are read from (``ImageTextDataset``, ``AudioTextDataset``,
+    ``WebDatasetPairs``).
+
+    Args:
+        value: the cell or field; ``None`` when empty or absent.
+        n: how many to give.
+        column: its name, for the message.
+        what: what holds it (``"column"``, ``"json field"``), for the message.
 
     Raises:
         SampleError: ``bad_hard_negatives`` for anything but a non-empty list of non-empty strings.
     """
+    if value is None:
+        raise SampleError(BAD_HARD_NEGATIVES, f"{what} {column!r} is empty or missing; expected a list of captions")
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             raise SampleError(
-                BAD_HARD_NEGATIVES, f"column {column!r} holds {value[:60]!r}, not a JSON list of captions"
+                BAD_HARD_NEGATIVES, f"{what} {column!r} holds {value[:60]!r}, not a JSON list of captions"
             ) from None
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
         raise SampleError(
-            BAD_HARD_NEGATIVES, f"column {column!r} must hold a non-empty list of captions, got {str(value)[:60]!r}"
+            BAD_HARD_NEGATIVES, f"{what} {column!r} must hold a non-empty list of captions, got {str(value)[:60]!r}"
         )
     captions = [decode_caption(v) for v in value]
     return [captions[i % len(captions)] for i in range(n)]

@@ -103,10 +103,13 @@ def _encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def _sample_maker(kind: str, split: str, seed: int, options: dict[str, Any]) -> tuple[str, str, Callable]:
-    """(media column, file extension, index -> (media bytes, caption, attrs)) for one data set."""
+def _sample_maker(
+    kind: str, split: str, seed: int, options: dict[str, Any], hard_negatives: int = 0
+) -> tuple[str, str, Callable]:
+    """(media column, file extension, index -> (media bytes, caption, attrs)) for one data set; with
+    ``hard_negatives`` the shapes' attrs also hold ``"hard_negatives"``, a list of that many wrong captions."""
     # Imported here: those modules import the shared helpers above from this one.
-    from .synthetic_shapes import make_shape_sample
+    from .synthetic_shapes import hard_negative_captions, make_shape_sample
     from .synthetic_tones import make_tone_sample
 
     maker = make_shape_sample if kind == "shapes" else make_tone_sample
@@ -118,7 +121,12 @@ def _sample_maker(kind: str, split: str, seed: int, options: dict[str, Any]) -> 
 
         def make(index: int) -> tuple[bytes, str, dict]:
             sample = make_shape_sample(index, split, seed, **options)
-            return _encode_png(sample.image), sample.caption, sample.attrs
+            attrs = sample.attrs
+            if hard_negatives:
+                # the stream and the draws of ShapesDataset(hard_negatives=...), so files and generated data agree
+                rng = sample_rng("shapes-negatives", seed, split, index)
+                attrs = {**attrs, "hard_negatives": hard_negative_captions(sample.caption, attrs, hard_negatives, rng)}
+            return _encode_png(sample.image), sample.caption, attrs
 
         return "image", "png", make
 
@@ -197,6 +205,7 @@ def write_synthetic(
     shard_size: int = 1000,
     overwrite: bool = False,
     progress: bool = True,
+    hard_negatives: int = 0,
     **options: Any,
 ) -> Path:
     """Generate ``n`` samples of a built-in data set and write them to ``out_dir``.
@@ -209,12 +218,17 @@ def write_synthetic(
     write ``synthetic.json`` recording how the data was made. Files are the same samples that
     ``ShapesDataset`` / ``TonesDataset`` generate for the same split, seed and options.
 
+    With ``hard_negatives`` (shapes only), each sample also gets that many wrong captions, those of
+    ``ShapesDataset(hard_negatives=...)``: a ``hard_negatives`` column of the index (a JSON list) or
+    field of the json member (a list), where ``ImageTextDataset`` / ``WebDatasetPairs`` (and the
+    trainer's ``data.hard_negatives``) read them. The attributes (``shape``, ``colour``, ...) are
+    written either way, for ``data.group_by``.
+
     The whole directory is built under a temporary name next to ``out_dir`` and renamed into place
     at the end, so an interrupted run leaves nothing half-written behind.
 
     Args:
-        kind: ``"shapes"``, ``"tones"`` or ``"shapes-negatives"`` (a shapes sample's hard negatives, drawn
-            apart from the sample itself so asking for them changes no image or caption).
+        kind: ``"shapes"`` or ``"tones"``.
         out_dir: directory to create; it must be new or empty unless ``overwrite``.
         n: number of samples (indices ``0 .. n-1`` of the split).
         split: ``"train"`` or ``"heldout"``; write both by calling twice with two directories.
@@ -224,6 +238,7 @@ def write_synthetic(
         overwrite: replace an ``out_dir`` holding earlier output of this function. A non-empty
             directory without its ``synthetic.json`` is never deleted.
         progress: show a tqdm progress bar.
+        hard_negatives: wrong captions written per sample (``hard_negative_captions``); shapes only.
         **options: generation options passed on to ``make_shape_sample`` (``image_size``,
             ``antialias``, ...) or ``make_tone_sample`` (``sample_rate``, ``clip_seconds``).
 
@@ -240,11 +255,15 @@ def write_synthetic(
         raise ValueError("n must be at least 1")
     if _check_non_negative_int(shard_size, "shard_size") == 0:
         raise ValueError("shard_size must be at least 1")
+    if _check_non_negative_int(hard_negatives, "hard_negatives") and kind != "shapes":
+        raise ValueError(f"hard_negatives are made for the shapes only; {kind} has no wrong captions to write")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    media_key, ext, make = _sample_maker(kind, split, seed, options)
+    media_key, ext, make = _sample_maker(kind, split, seed, options, hard_negatives)
     make(0)  # fail on bad options before creating anything
     manifest = {"kind": kind, "split": split, "seed": seed, "n": n, "format": format, "options": options}
+    if hard_negatives:
+        manifest["hard_negatives"] = hard_negatives
     if format == "wds":
         manifest["shard_size"] = shard_size
     # _check_out_dir has refused what must not be replaced: a new, empty or earlier output folder remains.

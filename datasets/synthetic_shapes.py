@@ -8,6 +8,14 @@ colour of every shape, in varied wording ("a red circle", "a small blue square i
 shapes are chosen to differ even at 48 x 48 pixels seen as 8-pixel patches (a ring's hole, a star's
 spikes, a cross's thin arms) and stay upright unless ``max_rotation`` is set.
 
+With ``relation_share`` above 0, that share of images (training and held-out) shows two shapes whose
+caption states how they relate: one to the left of, to the right of, above or below the other, or
+bigger or smaller than it ("a red circle is to the left of a blue star"). Such a caption and its swap
+("a blue star is to the left of a red circle") have the same words, so only a model that reads word
+order and sees where things are can tell them apart; each of these samples carries its wrong versions
+(``wrong_captions``) to measure that. The 3 shape pairs in ``UNSEEN_PAIRS`` are never shown together in
+a training relation scene, and half of the held-out relation scenes show one of them.
+
 Compositional generalisation is built in: the 8 (shape, colour) combinations in ``UNSEEN_COMBOS``
 never occur in the ``"train"`` split, not even as one of two shapes. The ``"heldout"`` split holds
 single-shape images only, captioned with the same templates as training; every third of them
@@ -36,10 +44,12 @@ __all__ = [
     "COLOUR_RGB",
     "HELDOUT_UNSEEN_EVERY",
     "POSITIONS",
+    "RELATIONS",
     "SEEN_COMBOS",
     "SHAPES",
     "SIZES",
     "UNSEEN_COMBOS",
+    "UNSEEN_PAIRS",
     "ShapeSample",
     "ShapesDataset",
     "caption_vocabulary",
@@ -77,6 +87,30 @@ UNSEEN_COMBOS = (
     ("ring", "yellow"),
 )
 SEEN_COMBOS = tuple(c for c in itertools.product(SHAPES, COLOURS) if c not in UNSEEN_COMBOS)
+# Relation scenes: the relation a caption states, as words, for each of the three layouts.
+RELATIONS = ("left", "right", "above", "below", "bigger", "smaller")
+_RELATION_WORDS = {
+    "left": "to the left of",
+    "right": "to the right of",
+    "above": "above",
+    "below": "below",
+    "bigger": "bigger than",
+    "smaller": "smaller than",
+}
+_OPPOSITE = {
+    "left": "right",
+    "right": "left",
+    "above": "below",
+    "below": "above",
+    "bigger": "smaller",
+    "smaller": "bigger",
+}
+# Unordered shape pairs never shown together in a training relation scene; each shape is in one, so
+# every shape is still seen beside 4 of the 5 others.
+UNSEEN_PAIRS = (("circle", "star"), ("square", "cross"), ("triangle", "ring"))
+# Radius ranges of the bigger and the smaller shape of a size scene: each fits half the image, and a big
+# square (the narrowest for its radius) still looks 1.5 times as wide as a small circle.
+_SIZE_SCENE_RADIUS = {"large": (0.17, 0.195), "small": (0.065, 0.08)}
 HELDOUT_UNSEEN_EVERY = 3  # held-out index i shows an unseen combination iff i % 3 == 0
 TRAIN_TWO_SHAPE_SHARE = 0.0  # opt in: see the module docstring
 
@@ -120,6 +154,13 @@ _SINGLE_TEMPLATES = (
     "{a_size} {colour} {shape} {where}",
     "{size} {colour} {shape} {where} on a dark background",
 )
+# {first} / {second} = "a red circle"; {relation} = "to the left of", "below", "bigger than", ...
+_RELATION_TEMPLATES = (
+    "{first} {relation} {second}",
+    "{first} is {relation} {second}",
+    "a picture of {first} {relation} {second}",
+    "there is {first} {relation} {second}",
+)
 # {first} / {second} = "a red circle"; {relation} = "to the left of" or "above".
 _PAIR_TEMPLATES = (
     "two shapes: {first} and {second}",
@@ -142,8 +183,13 @@ class ShapeSample:
             (``shape``, ``colour``, ``size``, ``position``) per shape, left or top one first;
             ``unseen``: whether the image shows a combination from ``UNSEEN_COMBOS``; ``mentions``:
             the attributes the caption states (``shape``, ``colour`` and perhaps ``size`` and
-            ``position``; ``shapes`` for two-shape images), so that retrieval can count every image
-            that fits a caption as a match.
+            ``position``; ``shapes`` for two-shape images; ``relation`` for relation scenes), so that
+            retrieval can count every image that fits a caption as a match. Relation scenes also have
+            ``relation``: the scene's canonical statement (the same for every caption that fits it),
+            ``layout``: ``horizontal`` (left / right), ``vertical`` (above / below) or ``size`` (bigger /
+            smaller), and
+            ``wrong_captions``: ``{"swap": the two shapes swapped, "colours": their colours exchanged}``,
+            the caption's own wording each time; ``unseen`` then means a pair from ``UNSEEN_PAIRS``.
     """
 
     image: Image.Image
@@ -224,9 +270,16 @@ def _coverage(shape: str, cx: float, cy: float, r: float, angle: float, size: in
     return np.asarray(mask, dtype=np.float32) * (1.0 / 255.0)
 
 
-def _place(rng: np.random.Generator, size: int, box: tuple[float, float, float, float], kind: str) -> dict:
-    """Draw radius, cell of the 3 x 3 grid and centre of one shape inside ``box`` (x0, y0, x1, y1)."""
-    lo, hi = _RADIUS[kind]
+def _place(
+    rng: np.random.Generator,
+    size: int,
+    box: tuple[float, float, float, float],
+    kind: str,
+    radius: tuple[float, float] | None = None,
+) -> dict:
+    """Draw radius, cell of the 3 x 3 grid and centre of one shape inside ``box`` (x0, y0, x1, y1); the
+    radius range is ``kind``'s unless ``radius`` gives one."""
+    lo, hi = radius or _RADIUS[kind]
     r = rng.uniform(lo, hi) * size
     margin = r + 0.05 * size  # triangles reach 1.05 r from their centre
     col, row = int(rng.integers(3)), int(rng.integers(3))
@@ -304,14 +357,67 @@ def _template_of(caption: str, render: Callable[[str], str], templates: tuple[st
     raise ValueError(f"caption {caption!r} was not made by the shapes templates")
 
 
+def _relation_caption(template: str, first: dict, second: dict, relation: str) -> str:
+    return template.format(first=_phrase(first), second=_phrase(second), relation=_RELATION_WORDS[relation])
+
+
+def _relation_scene(rng: np.random.Generator, size: int, split_id: int) -> tuple[list[dict], str, dict]:
+    """Two shapes in one of three layouts (side by side, one above the other, or a bigger and a smaller
+    one side by side or stacked), the caption stating their relation, and the attributes only such
+    scenes have (``relation``, ``wrong_captions``, ``unseen``)."""
+    unseen = split_id == 1 and bool(rng.random() < 0.5)
+    pairs = [p for p in itertools.combinations(SHAPES, 2) if (p in UNSEEN_PAIRS) == unseen]
+    kinds = list(pairs[int(rng.integers(len(pairs)))])
+    if rng.random() < 0.5:
+        kinds.reverse()
+    colours: list[str] = []
+    for kind in kinds:  # each shape in a colour training shows it in, the two colours distinct
+        allowed = [c for s, c in SEEN_COMBOS if s == kind and c not in colours]
+        colours.append(allowed[int(rng.integers(len(allowed)))])
+    layout = ("horizontal", "vertical", "size")[int(rng.integers(3))]
+    horizontal = layout == "horizontal" or (layout == "size" and bool(rng.random() < 0.5))
+    sizes = ["small", "small"]
+    if layout == "size":
+        sizes = ["large", "small"] if rng.random() < 0.5 else ["small", "large"]
+    h = size / 2
+    halves = [(0, 0, h, size), (h, 0, size, size)] if horizontal else [(0, 0, size, h), (0, h, size, size)]
+    shapes = []
+    for i, (kind, colour, box, big) in enumerate(zip(kinds, colours, halves, sizes)):
+        placed = _place(rng, size, box, big, _SIZE_SCENE_RADIUS[big] if layout == "size" else None)
+        placed["position"] = ("left", "right")[i] if horizontal else ("top", "bottom")[i]
+        shapes.append({"shape": kind, "colour": colour, "size": big, **placed})
+    # The canonical statement puts the left, top or bigger shape first; a caption may say it either way.
+    if layout == "size":
+        first, relation = (0 if sizes[0] == "large" else 1), "bigger"
+    else:
+        first, relation = 0, ("left" if horizontal else "above")
+    canonical = (shapes[first], shapes[1 - first], relation)
+    subject, other, said = canonical if rng.random() < 0.5 else (canonical[1], canonical[0], _OPPOSITE[relation])
+    template = _RELATION_TEMPLATES[int(rng.integers(len(_RELATION_TEMPLATES)))]
+    exchanged = ({**subject, "colour": other["colour"]}, {**other, "colour": subject["colour"]})
+    extra = {
+        "relation": _relation_caption(_RELATION_TEMPLATES[0], *canonical),
+        "layout": layout,
+        "wrong_captions": {
+            "swap": _relation_caption(template, other, subject, said),
+            "colours": _relation_caption(template, *exchanged, said),
+        },
+        "unseen": unseen,
+    }
+    return shapes, _relation_caption(template, subject, other, said), extra
+
+
 def hard_negative_captions(caption: str, attrs: dict, n: int, rng: np.random.Generator) -> list[str]:
     """``n`` captions that are wrong for the image ``caption`` describes, each close to it: the same template
     with one thing changed (NegCLIP-style hard negatives).
 
     - one shape: its colour or its shape swapped for another (``"a red circle"`` -> ``"a blue circle"``,
       ``"a red square"``), alternately;
-    - two shapes in a stated relation: first the two swapped (``"a 3 to the left of a 7"`` -> ``"a 7 to the
-      left of a 3"``), then their colours exchanged, then one colour or shape replaced;
+    - a relation scene (``relation_share``): first the two shapes swapped (``"a red circle is above a blue
+      star"`` -> ``"a blue star is above a red circle"``), then their colours exchanged, then the opposite
+      relation (``"... below ..."``), then one colour or shape replaced;
+    - two shapes in a stated relation (``two_shape_share``): first the two swapped, then their colours
+      exchanged, then one colour or shape replaced;
     - two shapes without a relation (their order means nothing): colours exchanged, then replacements.
 
     Args:
@@ -321,12 +427,31 @@ def hard_negative_captions(caption: str, attrs: dict, n: int, rng: np.random.Gen
         rng: the generator that picks the replacements.
     """
     shapes = [dict(s) for s in attrs["shapes"]]
+    fixed: list[str] = []
     if len(shapes) == 1:
         template = _template_of(caption, lambda t: _single_caption_from(t, shapes[0]), _SINGLE_TEMPLATES)
 
         def render(changed: list[dict]) -> str:
             return _single_caption_from(template, changed[0])
 
+    elif attrs.get("relation"):
+        found = [
+            (t, r, order)
+            for t in _RELATION_TEMPLATES
+            for r in RELATIONS
+            for order in (shapes, shapes[::-1])
+            if _relation_caption(t, *order, r) == caption
+        ]
+        if not found:
+            raise ValueError(f"caption {caption!r} was not made by the shapes relation templates")
+        template, relation, order = found[0]
+        shapes = [dict(s) for s in order]  # in the caption's order
+
+        def render(changed: list[dict]) -> str:
+            return _relation_caption(template, *changed, relation)
+
+        fixed = [attrs["wrong_captions"]["swap"], attrs["wrong_captions"]["colours"]]
+        fixed.append(_relation_caption(template, *shapes, _OPPOSITE[relation]))
     else:
         relation = "to the left of" if shapes[0]["position"] == "left" else "above"
 
@@ -345,8 +470,6 @@ def hard_negative_captions(caption: str, attrs: dict, n: int, rng: np.random.Gen
         def render(changed: list[dict]) -> str:
             return pair(template, *changed)
 
-    fixed: list[str] = []
-    if len(shapes) == 2:
         if "{relation}" in template:
             fixed.append(render(shapes[::-1]))
         exchanged = [{**shapes[0], "colour": shapes[1]["colour"]}, {**shapes[1], "colour": shapes[0]["colour"]}]
@@ -370,6 +493,8 @@ def caption_vocabulary() -> list[str]:
     texts = [
         *_SINGLE_TEMPLATES,
         *_PAIR_TEMPLATES,
+        *_RELATION_TEMPLATES,
+        *_RELATION_WORDS.values(),
         *SHAPES,
         *COLOURS,
         *SIZES,
@@ -394,6 +519,7 @@ def make_shape_sample(
     antialias: bool = True,
     two_shape_share: float = TRAIN_TWO_SHAPE_SHARE,
     max_rotation: float = 0.0,
+    relation_share: float = 0.0,
 ) -> ShapeSample:
     """Generate sample ``index`` of ``split``; the same arguments always give the same sample.
 
@@ -407,16 +533,21 @@ def make_shape_sample(
             always show one).
         max_rotation: rotate shapes by up to this many degrees either way; 0 keeps them upright
             (the default: a small ViT learns upright shapes several times faster), 180 allows any angle.
+        relation_share: probability that an image (training or held-out) is a relation scene: two shapes
+            and a caption stating how they relate (see the module docstring).
     """
     split_id = check_split(split)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
         raise ValueError(f"image_size must be an integer >= 16, got {image_size!r}")
     if not 0.0 <= two_shape_share <= 1.0:
         raise ValueError(f"two_shape_share must be in [0, 1], got {two_shape_share}")
+    if not 0.0 <= relation_share <= 1.0:
+        raise ValueError(f"relation_share must be in [0, 1], got {relation_share}")
     if not 0.0 <= max_rotation <= 180.0:
         raise ValueError(f"max_rotation must be in [0, 180] degrees, got {max_rotation}")
     rng = sample_rng("shapes", seed, split, index)
     size = image_size
+    extra: dict[str, Any] = {}  # the attributes of relation scenes
     if split_id == 0 and rng.random() < two_shape_share:
         # Two small shapes, one per half; distinct colours and shapes so the caption is unambiguous.
         horizontal = bool(rng.random() < 0.5)
@@ -438,6 +569,9 @@ def make_shape_sample(
             shapes.append({"shape": shape, "colour": colour, "size": "small", **placed})
         caption = _pair_caption(rng, shapes[0], shapes[1], horizontal)
         mentions = ["shapes"]
+    elif relation_share and rng.random() < relation_share:  # no draw at 0: other samples stay as they were
+        shapes, caption, extra = _relation_scene(rng, size, split_id)
+        mentions = ["relation"]
     else:
         unseen = split_id == 1 and index % HELDOUT_UNSEEN_EVERY == 0
         shape, colour = _pick_combo(rng, UNSEEN_COMBOS if unseen else SEEN_COMBOS)
@@ -457,6 +591,7 @@ def make_shape_sample(
         "shapes": [{k: s[k] for k in ("shape", "colour", "size", "position")} for s in shapes],
         "unseen": any((s["shape"], s["colour"]) in UNSEEN_COMBOS for s in shapes),
         "mentions": mentions,
+        **extra,
     }
     return ShapeSample(image=image, caption=caption, attrs=attrs)
 
@@ -477,6 +612,7 @@ class ShapesDataset(Dataset):
         tokenizer: maps a list of strings to ``(B, L)`` token ids (e.g. ``CLIPTokenizer``).
         antialias: smooth shape edges.
         two_shape_share: share of two-shape images in ``"train"``.
+        relation_share: share of relation scenes, in either split.
         max_rotation: largest rotation of a shape in degrees either way (0: upright).
         hard_negatives: give each item this many wrong captions close to its own
             (``hard_negative_captions``), tokenized as ``"text_negatives"`` ``(hard_negatives, L)``.
@@ -494,6 +630,7 @@ class ShapesDataset(Dataset):
         two_shape_share: float = TRAIN_TWO_SHAPE_SHARE,
         max_rotation: float = 0.0,
         hard_negatives: int = 0,
+        relation_share: float = 0.0,
     ) -> None:
         check_split(split)
         if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
@@ -509,6 +646,7 @@ class ShapesDataset(Dataset):
             "antialias": antialias,
             "two_shape_share": two_shape_share,
             "max_rotation": max_rotation,
+            "relation_share": relation_share,
         }
         self.transform = transform
         self.tokenizer = tokenizer

@@ -7,6 +7,15 @@ own decoders; webdataset's automatic decoders are never used, because they unpic
 ``.pickle`` members, which runs arbitrary code from the data. ``pipe:`` URLs (which run a shell
 command) are refused unless explicitly allowed.
 
+A sample's ``.json`` member holds what is not its media or caption, as an index file's other
+columns do (``pairs.py``): every field reaches the item's ``meta``, where the trainer's
+``data.group_by`` finds it (or the caption). With ``hard_negatives``, the field
+``hard_negatives_key`` holds the sample's wrong captions, e.g. ``0001.json`` = ``{"label": 3,
+"hard_negatives": ["a blue circle", "a red square"]}``, read by ``read_hard_negatives``, the rule of
+the index files: a non-empty list of captions, repeated in turn when shorter than asked, the first
+``hard_negatives`` when longer; anything else (or no such field) skips the sample as
+``bad_hard_negatives``.
+
 Epochs. With ``resampled=True`` every DataLoader worker of every rank draws shards at random with
 replacement (``webdataset.ResampledShards``), seeded by (seed, epoch, rank, worker), and the epoch
 is cut at ``epoch_samples`` per rank, split exactly over the workers, so all ranks run the same
@@ -49,6 +58,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from polymodal.fileio import atomic_file
 
 from .decode import DEFAULT_MAX_PIXELS, decode_audio, decode_caption, decode_image
+from .pairs import read_hard_negatives
 from .samples import (
     BAD_ENCODING,
     CORRUPT_SHARD,
@@ -153,7 +163,8 @@ class WebDatasetPairs(IterableDataset):
 
     Items are ``{"image": (3, H, W) | "audio": (num_samples,), "text": (context_length,), "meta":
     {...}}`` or ``SkippedSample``; ``meta`` holds the caption, the sample key, the shard URL and the
-    other fields of the sample's json member. Batch them with ``collate_samples``.
+    other fields of the sample's json member. With ``hard_negatives`` they also have
+    ``"text_negatives"`` ``(hard_negatives, context_length)``. Batch them with ``collate_samples``.
 
     Args:
         urls: shard paths or URLs, as a list or a brace pattern.
@@ -176,6 +187,10 @@ class WebDatasetPairs(IterableDataset):
         allow_pipe: accept ``pipe:`` URLs, which run a shell command.
         rank: this process's rank; by default from ``RANK``/``WORLD_SIZE`` or ``torch.distributed``.
         world_size: number of ranks; give it together with ``rank``.
+        hard_negatives: give each item this many wrong captions, tokenized as ``"text_negatives"``, from
+            the ``hard_negatives_key`` field of its json member (see ``read_hard_negatives``); a sample
+            without a list of captions there is skipped (``bad_hard_negatives``).
+        hard_negatives_key: the json field holding them.
     """
 
     def __init__(
@@ -197,8 +212,12 @@ class WebDatasetPairs(IterableDataset):
         allow_pipe: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        hard_negatives: int = 0,
+        hard_negatives_key: str = "hard_negatives",
     ) -> None:
         super().__init__()
+        if isinstance(hard_negatives, bool) or not isinstance(hard_negatives, int) or hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be a non-negative integer, got {hard_negatives!r}")
         if modality not in ("image", "audio"):
             raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
         if modality == "audio" and (sample_rate is None or clip_seconds is None):
@@ -226,6 +245,7 @@ class WebDatasetPairs(IterableDataset):
         self.silence_threshold = silence_threshold
         self.rank = rank
         self.world_size = world_size
+        self.hard_negatives, self.hard_negatives_key = hard_negatives, hard_negatives_key
         self.epoch = 0
         self.start_batch, self.batch_size = 0, None
         self.corrupt_shards = 0  # counted in the process that iterates (each DataLoader worker has its own)
@@ -394,6 +414,13 @@ class WebDatasetPairs(IterableDataset):
         where = f"{raw['__url__']}:{raw['__key__']}"
         try:
             caption, extras = self._caption(raw)
+            negatives = (
+                read_hard_negatives(
+                    extras.get(self.hard_negatives_key), self.hard_negatives, self.hard_negatives_key, "json field"
+                )
+                if self.hard_negatives
+                else []
+            )
             ext = next((ext for ext in self._media_extensions if ext in raw), None)
             if ext is None:
                 raise SampleError(MISSING_FILE, f"no {'/'.join(self._media_extensions)} member")
@@ -406,10 +433,15 @@ class WebDatasetPairs(IterableDataset):
                 item = {"audio": audio}
         except SampleError as err:
             return SkippedSample(err.reason, f"{where}: {err.detail}")
-        tokens = self.tokenizer(caption)
-        item["text"] = tokens[0] if tokens.ndim == 2 else tokens  # (context_length,)
+        item["text"] = self._tokens(caption)  # (context_length,)
+        if negatives:
+            item["text_negatives"] = torch.stack([self._tokens(c) for c in negatives])  # (n, context_length)
         item["meta"] = {**extras, "caption": caption, "key": raw["__key__"], "url": raw["__url__"]}
         return item
+
+    def _tokens(self, caption: str) -> torch.Tensor:
+        tokens = self.tokenizer(caption)
+        return tokens[0] if tokens.ndim == 2 else tokens
 
     def __repr__(self) -> str:
         return (

@@ -72,6 +72,12 @@ def _synth(args: argparse.Namespace) -> int:
         if not sep or not key.strip():
             raise InputError(f"generator option {item!r} is not KEY=VALUE (e.g. image_size=48)")
         options[key.strip()] = parse_value(value)
+    if "hard_negatives" in options:
+        raise InputError("hard_negatives is not a generator option; use --hard-negatives N")
+    # read as text, so a bad value is one line naming the flag rather than argparse's usage block
+    negatives = args.hard_negatives.strip()
+    if not (negatives.isascii() and negatives.isdigit()):
+        raise InputError(f"--hard-negatives must be a non-negative integer (e.g. 2), got {args.hard_negatives!r}")
     out = write_synthetic(
         args.kind,
         args.out,
@@ -81,6 +87,7 @@ def _synth(args: argparse.Namespace) -> int:
         format=args.format,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        hard_negatives=int(negatives),
         **options,
     )
     print(f"wrote {args.n} {args.split} {args.kind} samples to {out}")
@@ -118,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["csv", "wds"], default="csv")
     q.add_argument("--shard-size", type=int, default=1000, help="samples per .tar shard (wds)")
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    q.add_argument(
+        "--hard-negatives",
+        default="0",
+        metavar="N",
+        help="shapes: write N wrong captions per sample (a hard_negatives column / json field), "
+        "for training with data.hard_negatives",
+    )
     q.add_argument(
         "--option",
         dest="options",

@@ -25,6 +25,7 @@ from .classification import (
 from .embedding import EmbeddedData, embed_dataset, eval_mode
 from .evaluation import (
     RetrievalExamples,
+    caption_choice_metrics,
     caption_matches,
     evaluate_contrastive,
     format_metrics,
@@ -106,6 +107,7 @@ __all__ = [
     "beam_search",
     "build_zero_shot_classifier",
     "caption_loss",
+    "caption_choice_metrics",
     "caption_matches",
     "check_templates",
     "cider_d",

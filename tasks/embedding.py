@@ -180,8 +180,11 @@ def embed_dataset(
     encoders = {m: encoder_for(model, m) for m in names}
     device = torch.device(device) if device is not None else model_device(model)
     batch_fn = batch_fn or split_batch
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
+    if total is None:
+        try:
+            total = len(batches)
+        except TypeError:  # a stream without a length (a DataLoader of one has __len__, which raises)
+            total = None
     keys = names or [FEATURES]
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     labels: list[torch.Tensor] = []

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from .classification import classification_metrics, default_top_k
-from .embedding import EmbeddedData, embed_dataset
+from .embedding import EmbeddedData, embed_dataset, encoder_for, eval_mode, model_device
 from .retrieval_metrics import retrieval_metrics
 from .zero_shot import ClassificationResult, build_zero_shot_classifier, zero_shot_accuracy
 
 __all__ = [
     "RetrievalExamples",
+    "caption_choice_metrics",
     "caption_matches",
     "evaluate_contrastive",
     "format_metrics",
@@ -85,6 +86,86 @@ def caption_matches(meta: Sequence[Mapping[str, Any]]) -> tuple[list[list[int]],
     return [np.flatnonzero(r).tolist() for r in fits], [np.flatnonzero(c).tolist() for c in fits.T]
 
 
+def _wrong_captions(meta: Mapping[str, Any]) -> dict[str, str]:
+    """A sample's ``wrong_captions`` (a dict, or a JSON object as index files store it) of non-empty strings."""
+    value = meta.get("wrong_captions")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+    if not isinstance(value, Mapping):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str) and v}
+
+
+@torch.no_grad()
+def caption_choice_metrics(
+    model: Any,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    item_embeddings: torch.Tensor,
+    caption_embeddings: torch.Tensor,
+    meta: Sequence[Mapping[str, Any]],
+    unseen_key: str | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """How often an item is closer to its own caption than to a wrong version of it.
+
+    Each sample's ``meta["wrong_captions"]`` maps a kind to a caption that is wrong for it but close to
+    its own (the built-in relation scenes give ``"swap"``: the two objects swapped, the same words in
+    another order, and ``"colours"``: their colours exchanged). For each kind, ``choice/<kind>/top1`` is
+    the share of those samples whose item embedding has a higher cosine similarity with its own caption
+    than with the wrong one (a tie counts as wrong, so 0.5 is chance and a model that ignores word order
+    scores 0 on a swap); ``choice/<kind>/seen_top1`` and ``unseen_top1`` split it by ``meta[unseen_key]``,
+    and ``choice/<kind>/<layout>_top1`` by ``meta["layout"]`` where the samples have one (the relation
+    scenes' ``horizontal``, ``vertical`` and ``size``: a model may read sizes long before positions).
+
+    Args:
+        model: a contrastive model with ``encode_text``.
+        tokenizer: the model's tokenizer.
+        item_embeddings: ``(N, D)`` embeddings of the items (images, sounds).
+        caption_embeddings: ``(N, D)`` embeddings of each item's own caption.
+        meta: the N samples' meta.
+        unseen_key: the meta key marking combinations never seen in training.
+        batch_size: wrong captions per ``encode_text`` call.
+        device: where to run the text tower; default the model's device.
+    """
+    wrong = [_wrong_captions(m) for m in meta]
+    kinds = sorted({k for w in wrong for k in w})
+    if not kinds:
+        return {}
+    encode_text = encoder_for(model, "text")
+    device = torch.device(device) if device is not None else model_device(model)
+    items = torch.nn.functional.normalize(item_embeddings.float(), dim=-1)
+    right = (items * torch.nn.functional.normalize(caption_embeddings.float(), dim=-1)).sum(-1)  # (N,)
+    metrics: dict[str, float] = {}
+    with eval_mode(model):
+        for kind in kinds:
+            rows = [i for i, w in enumerate(wrong) if kind in w]
+            texts = [wrong[i][kind] for i in rows]
+            emb = torch.cat(
+                [
+                    encode_text(tokenizer(texts[s : s + batch_size]).to(device), normalize=True).float().cpu()
+                    for s in range(0, len(texts), batch_size)
+                ]
+            )
+            index = torch.tensor(rows)
+            correct = right[index] > (items[index] * torch.nn.functional.normalize(emb, dim=-1)).sum(-1)
+            metrics[f"choice/{kind}/top1"] = float(correct.double().mean())
+            splits = {}
+            if unseen_key:
+                unseen = torch.tensor([bool(meta[i].get(unseen_key)) for i in rows])
+                splits = {"seen": ~unseen, "unseen": unseen}
+            layouts = [str(meta[i].get("layout", "")) for i in rows]
+            for layout in sorted(set(layouts) - {""}):
+                splits[layout] = torch.tensor([v == layout for v in layouts])
+            for name, keep in splits.items():
+                if keep.any():
+                    metrics[f"choice/{kind}/{name}_top1"] = float(correct[keep].double().mean())
+    return metrics
+
+
 def query_modality(model: Any, modality: str | None = None) -> str:
     """``modality`` if given, else the tower a text query searches (``model.config.query_modality``)."""
     if modality is not None:
@@ -112,7 +193,8 @@ def evaluate_contrastive(
     and mean ranks, counting every item that fits a caption as a match (``caption_matches``); for each
     zero-shot attribute ``zeroshot/<attr>/top1`` (and ``top5`` when there are more than 5 classes) over
     the samples whose meta holds one of its classes, and ``zeroshot/<attr>/unseen_top1`` over those
-    whose ``meta[unseen_key]`` is true (attribute combinations never seen in training).
+    whose ``meta[unseen_key]`` is true (attribute combinations never seen in training); for samples with
+    ``wrong_captions``, ``choice/<kind>/top1`` (``caption_choice_metrics``).
 
     Args:
         model: a contrastive model with ``encode_text`` and ``encode_<modality>``.
@@ -151,6 +233,7 @@ def evaluate_contrastive(
         if unseen:
             acc = zero_shot_accuracy(emb[other][rows][unseen], labels[unseen], weights, top_k=(1,))
             metrics[f"zeroshot/{attr}/unseen_top1"] = float(acc["top1"])
+    metrics.update(caption_choice_metrics(model, tokenizer, emb[other], emb["text"], meta, unseen_key, device=device))
     return metrics, data
 
 
@@ -204,7 +287,8 @@ def zero_shot_on_labels(
 
 def format_metrics(metrics: Mapping[str, float]) -> list[str]:
     """Readable lines for ``evaluate_contrastive``'s metrics: zero-shot top-1 (top-5, unseen combinations)
-    per attribute, then recall@k with median and mean rank per retrieval direction."""
+    per attribute, caption-choice accuracy per kind of wrong caption, then recall@k with median and mean rank
+    per retrieval direction."""
     lines = []
     for attr in sorted({k.split("/")[1] for k in metrics if k.startswith("zeroshot/")}):
         if f"zeroshot/{attr}/top1" not in metrics:
@@ -215,6 +299,15 @@ def format_metrics(metrics: Mapping[str, float]) -> list[str]:
         if f"zeroshot/{attr}/unseen_top1" in metrics:
             parts.append(f"unseen combinations {100 * metrics[f'zeroshot/{attr}/unseen_top1']:.1f}%")
         lines.append(f"zero-shot by {attr}: " + ", ".join(parts))
+    for kind in sorted({k.split("/")[1] for k in metrics if k.startswith("choice/")}):
+        parts = [f"{100 * metrics[f'choice/{kind}/top1']:.1f}%"]
+        for name in ("seen", "unseen"):
+            if f"choice/{kind}/{name}_top1" in metrics:
+                parts.append(f"{name} combinations {100 * metrics[f'choice/{kind}/{name}_top1']:.1f}%")
+        for name in ("horizontal", "vertical", "size"):
+            if f"choice/{kind}/{name}_top1" in metrics:
+                parts.append(f"{name} {100 * metrics[f'choice/{kind}/{name}_top1']:.1f}%")
+        lines.append(f"own caption over its {kind}: " + ", ".join(parts))
     directions = sorted({k.split("/")[1] for k in metrics if k.startswith("retrieval/")}, key=_text_first)
     for direction in directions:
         values = {k.split("/")[2]: v for k, v in metrics.items() if k.startswith(f"retrieval/{direction}/")}
@@ -261,7 +354,7 @@ class RetrievalExamples:
 
 def plot_retrieval_examples(
     data: EmbeddedData,
-    image_of: Callable[[int], Any],
+    images_of: Callable[[list[int]], list[Any]],
     out_png: str | os.PathLike,
     modality: str = "image",
     num_queries: int = 6,
@@ -276,7 +369,8 @@ def plot_retrieval_examples(
 
     Args:
         data: the embeddings of ``evaluate_contrastive`` (``"text"`` and ``modality``) with their meta.
-        image_of: sample position -> its image (a tensor normalised with ``mean``/``std``, or PIL).
+        images_of: sample positions (sorted, each once) -> their images (tensors normalised with
+            ``mean``/``std``, or PIL), in that order; called once, so a stream is read once.
         out_png: where to write the PNG.
         modality: the gallery's tower.
         num_queries: rows of the grid.
@@ -293,7 +387,8 @@ def plot_retrieval_examples(
     top = sims.topk(min(k, sims.shape[1]), dim=-1).indices  # (Q, k)
     text_to_item, _ = caption_matches(meta)
     correct = retrieval_verdicts(top, [text_to_item[q] for q in queries])
-    images = {i: image_of(i) for i in sorted(set(top.flatten().tolist()))}
+    wanted = sorted(set(top.flatten().tolist()))
+    images = dict(zip(wanted, images_of(wanted), strict=True))
     path = plot_retrieval_grid(
         [meta[q].get("caption", str(q)) for q in queries],
         [images[i] for i in top.flatten().tolist()],

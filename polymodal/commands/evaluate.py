@@ -233,12 +233,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_outputs(out: Path, result: dict, embedded, data, model, modality: str) -> None:
     from polymodal.tasks import plot_retrieval_examples
+    from polymodal.train.report import held_out_images
 
     out.mkdir(parents=True, exist_ok=True)
     if modality == "image":
         pre = model.config.preprocess
-        image_of = lambda i: data.eval[i]["image"]  # noqa: E731
         plot_retrieval_examples(
-            embedded, image_of, out / "retrieval_grid.png", mean=pre.mean, std=pre.std, overwrite=True
+            embedded,
+            lambda positions: held_out_images(data.eval, embedded.meta, positions),
+            out / "retrieval_grid.png",
+            mean=pre.mean,
+            std=pre.std,
+            overwrite=True,
         )
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n", overwrite=True)  # checked above

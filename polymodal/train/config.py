@@ -16,6 +16,7 @@ from polymodal.errors import ConfigError
 
 __all__ = [
     "DataSection",
+    "DistributedSection",
     "ModelSection",
     "OptimSection",
     "TrainConfig",
@@ -78,11 +79,12 @@ class DataSection:
             ``TonesDataset``).
         hard_negatives: wrong captions per training sample added to the text side of the loss
             (NegCLIP-style): generated for ``shapes`` (``hard_negative_captions``), read from the
-            ``hard_negatives_key`` column of a ``csv`` index (a list of captions; in CSV / TSV as JSON).
-        hard_negatives_key: that column.
-        group_by: a column (or built-in attribute, e.g. ``caption``) whose equal values make two
-            samples of a batch positives of each other (the multi-positive loss); unset: each sample
-            is its own.
+            ``hard_negatives_key`` column of a ``csv`` index (a list of captions; in CSV / TSV as JSON)
+            or field of each ``wds`` sample's ``.json`` member (a list of captions).
+        hard_negatives_key: that column or field.
+        group_by: a column, a field of the ``wds`` samples' ``.json`` (or built-in attribute, e.g.
+            ``caption``) whose equal values make two samples of a batch positives of each other (the
+            multi-positive loss); unset: each sample is its own.
     """
 
     source: str = "shapes"
@@ -148,6 +150,20 @@ class OptimSection:
 
 
 @dataclass
+class DistributedSection:
+    """How a run under torchrun shares the work between its processes (a single process ignores it).
+
+    Args:
+        strategy: ``"ddp"`` (DistributedDataParallel: every process holds the whole model, optimiser
+            state and gradients) or ``"fsdp"`` (FSDP2: each encoder block's weights, gradients and
+            optimiser state are sharded over the processes and gathered block by block; checkpoints
+            stay whole state dicts). ``fsdp`` needs torchrun with 2 or more processes.
+    """
+
+    strategy: str = "ddp"
+
+
+@dataclass
 class TrainConfig:
     """A whole training run.
 
@@ -197,9 +213,16 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
 
     def __post_init__(self) -> None:
-        for name, kind in (("model", ModelSection), ("data", DataSection), ("optim", OptimSection)):
+        sections = {
+            "model": ModelSection,
+            "data": DataSection,
+            "optim": OptimSection,
+            "distributed": DistributedSection,
+        }
+        for name, kind in sections.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, parse_section(kind, value, name))
@@ -207,7 +230,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check every value's range before any of it reaches torch; raises ``ConfigError`` naming the key."""
-        o, d = self.optim, self.data
+        o, d, fsdp = self.optim, self.data, self.distributed.strategy == "fsdp"
         checks = [
             (
                 self.precision in ("fp32", "bf16", "fp16"),
@@ -247,9 +270,11 @@ class TrainConfig:
             (o.loss in ("clip", "siglip"), f"optim.loss must be clip or siglip, got {o.loss!r}"),
             (d.hard_negatives >= 0, f"data.hard_negatives must be >= 0, got {d.hard_negatives}"),
             (
-                d.hard_negatives == 0 or d.source in ("shapes", "csv"),
-                f"data.hard_negatives needs data.source shapes (generated) or csv (a "
-                f"{d.hard_negatives_key!r} column); got data.source={d.source}",
+                # the generated tones have no wrong captions to give
+                d.hard_negatives == 0 or d.source in ("shapes", "csv", "wds"),
+                f"data.hard_negatives needs data.source shapes (generated), csv (a {d.hard_negatives_key!r} "
+                f"column) or wds (a {d.hard_negatives_key!r} field in each sample's .json); "
+                f"got data.source={d.source}",
             ),
             (
                 o.loss_tile in ("auto", None)
@@ -277,6 +302,17 @@ class TrainConfig:
             (
                 not d.builtin or d.source in ("shapes", "tones"),
                 f"data.builtin sets options of the built-in data, but data.source is {d.source!r}",
+            ),
+            (
+                self.distributed.strategy in ("ddp", "fsdp"),
+                f"distributed.strategy must be ddp or fsdp, got {self.distributed.strategy!r}",
+            ),
+            (
+                # the fp16 gradient scaler would look for overflows in each rank's shard of the gradients
+                # alone, and the ranks' scales (and which steps they skip) would drift apart
+                not (fsdp and self.precision == "fp16"),
+                "precision fp16 does not go with distributed.strategy fsdp (its gradient scaler sees one shard "
+                "of the gradients per rank); use precision bf16",
             ),
         ]
         for ok, message in checks:

@@ -209,7 +209,7 @@ def build_datasets(
                 "set data.epoch_samples for the samples an epoch takes"
             )
 
-    def stream(urls, transform, resampled):
+    def stream(urls, transform, role):
         return pd.WebDatasetPairs(
             urls,
             modality=modality,
@@ -217,14 +217,21 @@ def build_datasets(
             tokenizer=tokenizer,
             sample_rate=spec.sample_rate,
             clip_seconds=spec.clip_seconds,
-            resampled=resampled,
-            epoch_samples=cfg.epoch_samples,
+            resampled=role == "train",
+            epoch_samples=cfg.epoch_samples if role == "train" else None,
+            # Rank 0 evaluates alone, on every held-out shard, each read once in order: an epoch length would
+            # cycle them, a shuffle buffer then scores some samples twice and others never, and the ranks'
+            # partition would leave out the other ranks' shards.
+            **({} if role == "train" else {"shuffle_buffer": 0, "rank": 0, "world_size": 1}),
             seed=cfg.seed,
+            # as for an index: hard negatives train, the held-out split is scored without them
+            hard_negatives=cfg.hard_negatives if role == "train" else 0,
+            hard_negatives_key=cfg.hard_negatives_key,
         )
 
     return RunData(
-        stream(cfg.train, train_transform, True) if with_train else None,
-        stream(cfg.eval, eval_transform, False) if cfg.eval else None,
+        stream(cfg.train, train_transform, "train") if with_train else None,
+        stream(cfg.eval, eval_transform, "eval") if cfg.eval else None,
         (modality, "text"),
         {},
         None,
@@ -238,7 +245,11 @@ def make_loader(
     sampler: Sampler | None = None,
     pin_memory: bool = False,
     seed: int = 0,
+    drop_last: bool = False,
 ) -> DataLoader:
+    """A DataLoader of ``collate_samples`` batches. ``drop_last`` drops a stream's last partial batch (the
+    trainer's streamed epochs, whose batches are counted for resume); evaluation and feature extraction keep
+    every sample. A map-style dataset's batches come from ``sampler``."""
     iterable = isinstance(dataset, IterableDataset)
     return DataLoader(
         dataset,
@@ -247,7 +258,7 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_samples,
         pin_memory=pin_memory,
-        drop_last=iterable,
+        drop_last=drop_last and iterable,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
     )

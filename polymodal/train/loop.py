@@ -25,6 +25,7 @@ from polymodal.errors import ConfigError, InputError, PolymodalError
 from polymodal.fileio import atomic_write_text
 
 from . import checkpoints as ckpt
+from . import sharding
 from .config import TrainConfig, apply_overrides, load_config
 from .data import ResumableSampler, RunData, SeededSamples, make_loader
 from .optim import ModelEma, build_optimizer, build_scheduler
@@ -41,6 +42,11 @@ class NonFiniteLossError(PolymodalError, RuntimeError):
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.distributed.strategy == "fsdp" and world < 2:
+        raise ConfigError(
+            "distributed.strategy fsdp needs torchrun with 2 or more processes; start the run with "
+            "torchrun --nproc_per_node=N -m polymodal train ..., or use distributed.strategy ddp"
+        )
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -112,16 +118,16 @@ class Trainer:
         self.task = get_task(cfg.task)(cfg)
         self.model = self.task.build_model(self.device)
         self.data: RunData = self.task.build_data(self.model)
+        resume_from = ckpt.resolve_resume(self.run_dir, cfg.resume)
+        if resume_from is not None:
+            # before sharding: a sharded model no longer takes whole tensors in load_state_dict
+            ckpt.load_model_files(self.model, resume_from)
 
-        self.forward_model: nn.Module = self.model
-        if self.world > 1:
-            towers = getattr(self.model, "towers", {})
-            unused = set(towers) - set(self.data.modalities)
-            self.forward_model = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(unused),
-            )
+        self.sharded = cfg.distributed.strategy == "fsdp"
+        self.replica: nn.Module | None = None  # fsdp: rank 0's unsharded copy (see unsharded_model)
+        self.replica_step: int | None = None  # the step whose weights the replica holds
+        self.replicated: list[nn.Parameter] = []  # fsdp: the parameters every rank keeps whole
+        self.forward_model: nn.Module = self._distribute()
         if cfg.model.compile:
             self.forward_model = torch.compile(self.forward_model)
 
@@ -135,7 +141,6 @@ class Trainer:
         self.samples_seen = 0
         self.scaler_overflow = False  # whether the last skipped step was the fp16 scaler finding its scale
 
-        resume_from = ckpt.resolve_resume(self.run_dir, cfg.resume)
         if self.is_main:
             # a run never writes over a user's files, nor mixes into (or deletes) an earlier run unless told to
             claim_run_dir(
@@ -156,6 +161,25 @@ class Trainer:
             resumed_at=self.step if resume_from is not None else None,
         )
 
+    def _distribute(self) -> nn.Module:
+        """Spread ``self.model`` over the ranks: wrap it in DDP, or shard it in place (fsdp); returns what forward
+        passes go through."""
+        if self.sharded:
+            if self.is_main:
+                self.replica = sharding.unsharded_copy(self.model)
+            self.replicated = sharding.shard_model(self.model, self.device, self.world, self.cfg.precision)
+            log.info("FSDP2: %d blocks sharded over %d ranks", len(sharding.shard_blocks(self.model)), self.world)
+            return self.model
+        if self.world == 1:
+            return self.model
+        towers = getattr(self.model, "towers", {})
+        unused = set(towers) - set(self.data.modalities)
+        return DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=bool(unused),
+        )
+
     # ------------------------------------------------------------------ state
 
     @property
@@ -171,7 +195,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen,
             "nonfinite_total": self.nonfinite_total,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt.rng_state(),
@@ -179,17 +203,62 @@ class Trainer:
             "config": self.cfg.to_yaml(),
         }
 
+    def _optimizer_state(self) -> dict[str, Any]:
+        """The optimiser's whole state (under fsdp gathered from the shards onto rank 0: every rank calls it)."""
+        if self.sharded:
+            return sharding.full_optimizer_state(self.model, self.optimizer)
+        return self.optimizer.state_dict()
+
+    def _ema_state(self) -> dict[str, torch.Tensor] | None:
+        """The EMA's whole weights, or ``None`` without one (under fsdp gathered onto rank 0: every rank calls it)."""
+        if self.ema is None:
+            return None
+        return sharding.full_tensors(self.ema.state_dict()) if self.sharded else self.ema.state_dict()
+
+    def unsharded_model(self) -> nn.Module | None:
+        """The model with its whole weights, for evaluation, outputs and checkpoints.
+
+        That is ``self.model``, except under fsdp: there rank 0 holds a replica in CPU memory, loaded with the
+        weights gathered from the shards (``None`` on the other ranks). Every rank must call it then, as all
+        take part in the gather; it gathers once per step, since only an optimiser step changes the weights.
+        """
+        if not self.sharded:
+            return self.model
+        if self.replica_step != self.step:
+            state = sharding.full_model_state(self.model)
+            if self.replica is not None:
+                self.replica.load_state_dict(state)
+            self.replica_step = self.step
+        return self.replica
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """``unsharded_model()`` on the run's device for the block (the replica returns to CPU memory after)."""
+        model = self.unsharded_model()
+        if model is None or model is self.model:
+            yield model
+            return
+        model.to(self.device)
+        try:
+            yield model
+        finally:
+            model.to("cpu")
+
     def _load(self, path: Path) -> None:
+        """Resume the training state of checkpoint ``path``; ``__init__`` loaded its weights, before sharding."""
         from polymodal.checkpoint import read_state_dict
 
-        ckpt.load_model_files(self.model, path)
         state = self._read_training_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and (path / ckpt.EMA_NAME).is_file():
-            self.ema.load_state_dict(read_state_dict(path / ckpt.EMA_NAME))
+            ema = read_state_dict(path / ckpt.EMA_NAME)
+            self.ema.load_state_dict(sharding.shard_like(ema, self.ema.state_dict()) if self.sharded else ema)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.samples_seen, self.nonfinite_total = state["samples_seen"], state["nonfinite_total"]
         ckpt.set_rng_state(state["rng"])
@@ -219,15 +288,15 @@ class Trainer:
         return state
 
     def save(self) -> Path | None:
+        """Checkpoint the current step; rank 0 writes it. Every rank calls it: under fsdp all of them take part
+        in gathering the whole weights, optimiser state and EMA first."""
+        if not (self.is_main or self.sharded):
+            return None
+        model, training_state, ema = self.unsharded_model(), self._training_state(), self._ema_state()
         if not self.is_main:
             return None
         return ckpt.save_training_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            self._training_state(),
-            self.ema.state_dict() if self.ema else None,
-            keep=self.cfg.keep_checkpoints,
+            self.run_dir, self.step, model, training_state, ema, keep=self.cfg.keep_checkpoints
         )
 
     # ------------------------------------------------------------------ data
@@ -244,7 +313,12 @@ class Trainer:
                 if hasattr(self.data.train, "set_epoch"):  # a resumed stream continues mid-epoch
                     self.data.train.set_epoch(self.epoch, start_batch=self.batch_in_epoch, batch_size=local)
                 for batch in make_loader(
-                    self.data.train, local, cfg.num_workers, pin_memory=pin, seed=cfg.seed + self.epoch
+                    self.data.train,
+                    local,
+                    cfg.num_workers,
+                    pin_memory=pin,
+                    seed=cfg.seed + self.epoch,
+                    drop_last=True,
                 ):
                     self.batch_in_epoch += 1  # counted before use: a checkpoint resumes after this batch
                     yield batch
@@ -289,11 +363,14 @@ class Trainer:
             loss = loss.detach()
         else:
             loss = self.task.accumulated_backward(self, batch, k)
+        if self.replicated:
+            sharding.average_replicated_grads(self.replicated, self.world)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        # over sharded gradients the norm is a (replicated) DTensor; the non-finite check needs a tensor
+        grad_norm = sharding.plain_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
         loss_finite = torch.isfinite(loss)
         finite = loss_finite & torch.isfinite(grad_norm)
         if dist.is_initialized():
@@ -327,11 +404,12 @@ class Trainer:
         Every global RNG is left as it was, so evaluating changes nothing about the rest of the run.
         """
         metrics = {}
-        if self.is_main:
-            with preserved_rng():
-                metrics, extras = self.task.evaluate(self.model, first_samples(self.data, subset), self.device)
-            if not subset:
-                self.last_eval_extras = extras
+        with self.whole_model() as model:
+            if self.is_main:
+                with preserved_rng():
+                    metrics, extras = self.task.evaluate(model, first_samples(self.data, subset), self.device)
+                if not subset:
+                    self.last_eval_extras = extras
         if dist.is_initialized():
             dist.barrier()
         return metrics
@@ -448,10 +526,11 @@ class Trainer:
             "eval": eval_metrics,
         }
         report["summary"] = self.task.summary_lines(report)
-        if self.is_main:
-            write_report(self.run_dir, report, self.metrics.rows)
-            extras = getattr(self, "last_eval_extras", {})
-            self.task.write_outputs(self.run_dir, report, self.metrics.rows, extras, self.data, self.model)
+        with self.whole_model() as model:
+            if self.is_main:
+                write_report(self.run_dir, report, self.metrics.rows)
+                extras = getattr(self, "last_eval_extras", {})
+                self.task.write_outputs(self.run_dir, report, self.metrics.rows, extras, self.data, model)
         self.metrics.close()
         return report
 

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from polymodal.fileio import atomic_write_text
 
 log = logging.getLogger("polymodal.train")
@@ -63,6 +65,28 @@ def write_report(run_dir: Path, report: dict[str, Any], rows: list[dict]) -> Non
         plot_curves(rows, run_dir / "curves.png", overwrite=True)
 
 
+def held_out_images(dataset, meta: list[dict[str, Any]], positions: list[int]) -> list[torch.Tensor]:
+    """The images of the evaluated samples at ``positions`` (``meta`` is theirs, in evaluation order).
+
+    A map-style data set is indexed. A stream (WebDataset shards) is read once, and its items are found by
+    their ``(url, key)``, not their position, so skipped samples or a shuffle cannot pair a caption with
+    another image.
+    """
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        return [dataset[i]["image"] for i in positions]
+    wanted = {(meta[i].get("url"), meta[i].get("key")): i for i in positions}
+    found: dict[int, torch.Tensor] = {}
+    for item in dataset:
+        where = (item["meta"].get("url"), item["meta"].get("key")) if isinstance(item, dict) else None
+        if where in wanted:
+            found[wanted.pop(where)] = item["image"]
+            if not wanted:
+                break
+    if wanted:
+        raise RuntimeError(f"{len(wanted)} evaluated samples were not found again in the held-out stream")
+    return [found[i] for i in positions]
+
+
 def write_retrieval_grid(run_dir: Path, extras: dict[str, Any], data, model) -> None:
     """``retrieval_grid.png``: the top 5 held-out images for six held-out captions (image data only), framed
     right or wrong by the same relevance the recall metrics use."""
@@ -73,7 +97,7 @@ def write_retrieval_grid(run_dir: Path, extras: dict[str, Any], data, model) -> 
     pre = model.config.preprocess
     plot_retrieval_examples(
         EmbeddedData(extras["embeddings"], meta=extras["meta"]),
-        lambda i: data.eval[i]["image"],
+        lambda positions: held_out_images(data.eval, extras["meta"], positions),
         run_dir / "retrieval_grid.png",
         mean=pre.mean,
         std=pre.std,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,9 +28,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def stable_id(value: Any) -> int:
-    """A non-negative 63-bit id of ``value`` (its ``str``) that is the same in every process and run (Python's
-    ``hash`` of a string is salted per process)."""
-    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
+    """A non-negative 63-bit id of ``value`` that is the same in every process and run (Python's ``hash`` of a
+    string is salted per process).
+
+    The id is that of its ``str``, or for a list or dict of its JSON text with sorted keys: the text a CSV
+    cell written by ``write_synthetic`` holds, so an attribute gets the same id from an index file, from a
+    shard's json member and from the generated data.
+    """
+    text = json.dumps(value, sort_keys=True, default=str) if isinstance(value, (list, dict)) else str(value)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 

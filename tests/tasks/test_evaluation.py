@@ -185,7 +185,9 @@ def test_retrieval_grid_frames_exactly_the_items_the_metric_counts_as_right(tmp_
     text[4] = F.normalize(3 * image[6] + 2.5 * image[7] + 2 * image[4] + 1.5 * image[5], dim=-1)
     data = EmbeddedData({"image": image, "text": text}, meta=meta)
     blue = torch.tensor(BLUE, dtype=torch.float32).view(3, 1, 1).expand(3, 32, 32) / 255
-    shown = plot_retrieval_examples(data, lambda i: blue, tmp_path / "grid.png", num_queries=2, k=4)
+    shown = plot_retrieval_examples(
+        data, lambda positions: [blue] * len(positions), tmp_path / "grid.png", num_queries=2, k=4
+    )
 
     # naively: item j is right for caption q when it has every attribute caption q states
     def fits(q, j):
@@ -239,3 +241,73 @@ def test_zero_shot_on_labels_refuses_labels_that_are_not_classes():
     truth = [0, 1, 0]
     assert result.top1 == pytest.approx(sum(p == t for p, t in zip(predicted, truth)) / 3)
     assert result.num_samples == 3 and set(result.per_class) == {"cat", "cow"}
+
+
+class LookupText(nn.Module):
+    """A text tower that gives each known sentence a fixed random vector (and counts its calls)."""
+
+    def __init__(self, sentences: list[str], dim: int = 8) -> None:
+        super().__init__()
+        self.ids = {s: i for i, s in enumerate(sentences)}
+        self.table = nn.Parameter(torch.randn(len(sentences), dim, generator=torch.Generator().manual_seed(0)))
+        self.calls = 0
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[self.ids[t]] for t in texts])
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        self.calls += 1
+        out = self.table[tokens[:, 0]]
+        return F.normalize(out, dim=-1) if normalize else out
+
+
+def test_caption_choice_metrics_equal_a_per_sample_reference():
+    from polymodal.tasks import caption_choice_metrics, format_metrics
+
+    n = 50
+    rng = np.random.default_rng(0)
+    meta = []
+    for i in range(n):
+        m = {"caption": f"c{i}", "unseen": bool(i % 3 == 0), "layout": ("horizontal", "size")[i % 2]}
+        if i % 5:  # some samples have no wrong captions, one has them as JSON text, one is damaged
+            m["wrong_captions"] = {"swap": f"s{i}", "colours": f"k{i}"} if i % 7 else json.dumps({"swap": f"s{i}"})
+        meta.append(m)
+    meta[1]["wrong_captions"] = "not json"
+    sentences = [f"{p}{i}" for p in "csk" for i in range(n)]
+    model = LookupText(sentences)
+    items = torch.from_numpy(rng.standard_normal((n, 8))).float()
+    captions = model.table.detach()[:n] * 3.0  # not unit length: the metric uses cosines
+
+    metrics = caption_choice_metrics(model, model.tokenize, items, captions, meta, "unseen", batch_size=7)
+
+    def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(F.cosine_similarity(a, b, dim=0))
+
+    for kind, prefix in (("swap", "s"), ("colours", "k")):
+        wins = {"all": [], "seen": [], "unseen": [], "horizontal": [], "size": []}
+        for i, m in enumerate(meta):
+            raw = m.get("wrong_captions")
+            wrong = json.loads(raw) if isinstance(raw, str) and raw.startswith("{") else raw
+            if not isinstance(wrong, dict) or kind not in wrong:
+                continue
+            win = cos(items[i], captions[i]) > cos(items[i], model.table.detach()[sentences.index(f"{prefix}{i}")])
+            wins["all"].append(win)
+            wins["unseen" if m["unseen"] else "seen"].append(win)
+            wins[m["layout"]].append(win)
+        assert metrics[f"choice/{kind}/top1"] == pytest.approx(np.mean(wins["all"]), abs=1e-9)
+        assert metrics[f"choice/{kind}/seen_top1"] == pytest.approx(np.mean(wins["seen"]), abs=1e-9)
+        assert metrics[f"choice/{kind}/unseen_top1"] == pytest.approx(np.mean(wins["unseen"]), abs=1e-9)
+        for layout in ("horizontal", "size"):
+            assert metrics[f"choice/{kind}/{layout}_top1"] == pytest.approx(np.mean(wins[layout]), abs=1e-9)
+        assert f"choice/{kind}/vertical_top1" not in metrics  # no sample has it
+    assert any("own caption over its swap" in line and "horizontal" in line for line in format_metrics(metrics))
+    # the item's own caption as its wrong one ties, and a tie is not a win
+    tie = caption_choice_metrics(
+        model,
+        model.tokenize,
+        items[:2],
+        model.table.detach()[:2],
+        [{"wrong_captions": {"x": "c0"}}, {"wrong_captions": {"x": "c1"}}],
+    )
+    assert tie == {"choice/x/top1": 0.0}
+    assert caption_choice_metrics(model, model.tokenize, items, captions, [{"caption": "c"}] * n) == {}

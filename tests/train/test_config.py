@@ -159,6 +159,9 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
         ({"log_every": 0}, "log_every must be positive"),
         ({"model": "clip-vit-tiny"}, "model must be a mapping, got str"),
         ({"model": {"lock": {"image": "all"}}}, "model.lock.image must be int, got 'all'"),
+        ({"distributed": {"strategy": "zero3"}}, "distributed.strategy must be ddp or fsdp, got 'zero3'"),
+        ({"distributed": {"strategy": "fsdp"}, "precision": "fp16"}, "precision fp16 does not go with .* fsdp"),
+        ({"distributed": {"shards": 2}}, r"unknown key\(s\) \['shards'\] in distributed"),
     ],
 )
 def test_values_are_checked_before_they_reach_torch(data, match):
