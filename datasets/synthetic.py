@@ -109,7 +109,7 @@ def _sample_maker(
     """(media column, file extension, index -> (media bytes, caption, attrs)) for one data set; with
     ``hard_negatives`` the shapes' attrs also hold ``"hard_negatives"``, a list of that many wrong captions."""
     # Imported here: those modules import the shared helpers above from this one.
-    from .synthetic_shapes import hard_negative_captions, make_shape_sample
+    from .synthetic_shapes import make_shape_sample, sample_hard_negatives
     from .synthetic_tones import make_tone_sample
 
     maker = make_shape_sample if kind == "shapes" else make_tone_sample
@@ -123,9 +123,7 @@ def _sample_maker(
             sample = make_shape_sample(index, split, seed, **options)
             attrs = sample.attrs
             if hard_negatives:
-                # the stream and the draws of ShapesDataset(hard_negatives=...), so files and generated data agree
-                rng = sample_rng("shapes-negatives", seed, split, index)
-                attrs = {**attrs, "hard_negatives": hard_negative_captions(sample.caption, attrs, hard_negatives, rng)}
+                attrs = {**attrs, "hard_negatives": sample_hard_negatives(sample, index, split, seed, hard_negatives)}
             return _encode_png(sample.image), sample.caption, attrs
 
         return "image", "png", make

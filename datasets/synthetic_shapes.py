@@ -485,6 +485,14 @@ def hard_negative_captions(caption: str, attrs: dict, n: int, rng: np.random.Gen
     return out
 
 
+def sample_hard_negatives(sample: ShapeSample, index: int, split: str, seed: int, n: int) -> list[str]:
+    """The ``n`` hard negatives of sample ``index`` of ``split`` (``hard_negative_captions``), drawn from a stream
+    of their own, so asking for them changes no image or caption; ``ShapesDataset`` and the written files
+    (``write_synthetic``) both take them from here, so they agree."""
+    rng = sample_rng("shapes-negatives", seed, split, index)
+    return hard_negative_captions(sample.caption, sample.attrs, n, rng)
+
+
 def caption_vocabulary() -> list[str]:
     """Every word and punctuation mark a caption (of one or two shapes) can contain, sorted.
 
@@ -663,8 +671,7 @@ class ShapesDataset(Dataset):
             item["text"] = self.tokenizer([sample.caption])[0]
         meta = {"caption": sample.caption, "index": index, **sample.attrs}
         if self.hard_negatives:
-            rng = sample_rng("shapes-negatives", self.seed, self.split, index)
-            negatives = hard_negative_captions(sample.caption, sample.attrs, self.hard_negatives, rng)
+            negatives = sample_hard_negatives(sample, index, self.split, self.seed, self.hard_negatives)
             item["text_negatives"] = self.tokenizer(negatives)
             meta["hard_negatives"] = negatives
         item["meta"] = meta

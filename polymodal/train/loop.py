@@ -167,8 +167,8 @@ class Trainer:
         if self.sharded:
             if self.is_main:
                 self.replica = sharding.unsharded_copy(self.model)
-            self.replicated = sharding.shard_model(self.model, self.device, self.world, self.cfg.precision)
-            log.info("FSDP2: %d blocks sharded over %d ranks", len(sharding.shard_blocks(self.model)), self.world)
+            blocks, self.replicated = sharding.shard_model(self.model, self.device, self.world, self.cfg.precision)
+            log.info("FSDP2: %d blocks sharded over %d ranks", blocks, self.world)
             return self.model
         if self.world == 1:
             return self.model

@@ -82,9 +82,10 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: nn.Module, device: torch.device, world: int, precision: str) -> list[nn.Parameter]:
-    """Shard ``model`` in place over ``world`` ranks (blocks first, then the root); returns the parameters left
-    replicated (``replicated_parameters``). Build the optimiser and the EMA afterwards, from the sharded model."""
+def shard_model(model: nn.Module, device: torch.device, world: int, precision: str) -> tuple[int, list[nn.Parameter]]:
+    """Shard ``model`` in place over ``world`` ranks (blocks first, then the root); returns how many blocks were
+    sharded on their own and the parameters left replicated (``replicated_parameters``). Build the optimiser
+    and the EMA afterwards, from the sharded model."""
     mesh = init_device_mesh(device.type, (world,))
     replicated = replicated_parameters(model)
     options: dict[str, Any] = {
@@ -92,10 +93,11 @@ def shard_model(model: nn.Module, device: torch.device, world: int, precision: s
         "mp_policy": mixed_precision_policy(precision),
         "ignored_params": set(replicated),
     }
-    for block in shard_blocks(model):
+    blocks = shard_blocks(model)
+    for block in blocks:
         fully_shard(block, **options)
     fully_shard(model, **options)
-    return replicated
+    return len(blocks), replicated
 
 
 def average_replicated_grads(params: list[nn.Parameter], world: int) -> None:
