@@ -1,10 +1,18 @@
 """Training throughput and held-out quality of clip-vit-tiny: polymodal's trainer against open_clip's own.
 
-The built-in ``shapes`` data is written once as files (a train split of ``--train-size`` PNGs with an
-``index.csv``, a held-out split, and a TSV of the same train rows with absolute paths for open_clip's
-csv loader). Then the same architecture is trained on those same files by ``open_clip_train.main``
+The built-in ``shapes`` data is written once as files, in each layout ``--inputs`` names (a train split of
+``--train-size`` images, plus one held-out split):
+
+- ``csv-png``: PNG files with an ``index.csv`` (and a TSV of the same rows with absolute paths for
+  open_clip's csv loader);
+- ``csv-jpg``: the same as JPEG files (quality 95, as img2dataset writes them);
+- ``wds-jpg``: WebDataset shards of JPEG + caption, read by open_clip's ``--dataset-type webdataset``
+  and by polymodal's ``data.source: wds``.
+
+For each layout the same architecture is trained on those same files by ``open_clip_train.main``
 (with the architecture registered through ``open_clip.add_model_config``) and by ``polymodal train``,
-each in its own subprocess, one after the other, so the two never compete for cores. Both get the same
+each in its own subprocess, one after the other, so the two never compete for cores. Image decoding
+runs in each trainer's DataLoader workers and is part of the time. Both get the same
 recipe: batch size, number of samples (steps x batch = epochs x (train size // batch)), AdamW betas/eps,
 peak lr, linear warm-up then cosine decay to 0, weight decay, gradient clipping, fp32, the same random
 resized crop augmentation, data workers, torch threads and log interval.
@@ -23,7 +31,8 @@ Also printed, as a check that is robust to a burst of load from other processes:
 ``metrics.jsonl``, open_clip's ``Batch (t)`` (mean step time over the window) as batch / time.
 
 With ``--rounds`` above 1 the pair is trained again with the order swapped each round and the median
-samples/s is reported; quality comes from the first round's models.
+samples/s is reported; quality comes from the first round's models. A summary table at the end gives
+one row per layout.
 
 Both final models are then evaluated by the same polymodal code (``polymodal.train.evaluate.evaluate``)
 on the held-out split: zero-shot shape and colour top-1 with the built-in prompts, and retrieval recall.
@@ -31,17 +40,21 @@ open_clip's checkpoint goes through polymodal's own importer (``resolve_model(..
 checked against open_clip's model on the same weights first.
 
 Differences that remain: initial weights (each library's own init, same seed), data order, and weight
-decay groups (open_clip decays the positional and token embeddings, polymodal does not).
+decay groups (open_clip decays the positional and token embeddings, polymodal does not). From shards,
+open_clip reads each shard once per epoch (``--train-num-samples`` = the train size) and polymodal
+resamples shards (``data.epoch_samples`` = the train size): both shuffle within a buffer.
 open_clip's csv loader needs pandas, which ``polymodal[dev]`` installs.
 
-    python benchmarks/train_vs_openclip.py [--train-size 8192] [--epochs 2] [--batch-size 128]
-        [--lr 1e-3] [--warmup N] [--wd 0.1] [--workers 1] [--threads 2] [--rounds 1] [--workdir DIR]
+    python benchmarks/train_vs_openclip.py [--inputs csv-png csv-jpg wds-jpg] [--train-size 8192]
+        [--epochs 2] [--batch-size 128] [--lr 1e-3] [--warmup N] [--wd 0.1] [--workers 1] [--threads 2]
+        [--rounds 1] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import re
@@ -72,7 +85,13 @@ def _launch_open_clip(argv: list[str]) -> None:
     import open_clip
 
     open_clip.add_model_config(config_dir)
-    import open_clip_train.main as oc_main  # its csv loader needs pandas (a dev dependency of polymodal)
+    import open_clip_train.data as oc_data  # its csv loader needs pandas (a dev dependency of polymodal)
+    import open_clip_train.main as oc_main
+
+    # open_clip_train (3.3.0 and earlier) fails on webdataset >= 0.2.96 with KeyError 'fname': webdataset's
+    # tar_file_expander now ends each shard with an {} marker that open_clip's grouping does not expect
+    # (open_clip #935, webdataset #384). Turning the marker off is the fix its maintainers gave.
+    oc_data.tar_file_expander = functools.partial(oc_data.tar_file_expander, eof_value=None)
 
     epochs: list[dict[str, float]] = []
     train_one_epoch = oc_main.train_one_epoch
@@ -81,7 +100,10 @@ def _launch_open_clip(argv: list[str]) -> None:
         loader = data["train"].dataloader
         start = time.perf_counter()
         train_one_epoch(model, data, *args, **kwargs)
-        epochs.append({"seconds": time.perf_counter() - start, "samples": loader.num_batches * loader.batch_size})
+        # a csv DataLoader drops its last partial batch; the wds WebLoader has no batch_size, and its
+        # num_samples is num_batches full batches
+        per_batch = getattr(loader, "batch_size", None) or loader.num_samples // loader.num_batches
+        epochs.append({"seconds": time.perf_counter() - start, "samples": loader.num_batches * per_batch})
 
     oc_main.train_one_epoch = timed_epoch
     result = oc_main.main(train_argv)
@@ -93,17 +115,42 @@ def _launch_open_clip(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------- data
 
 
-def _write_split(root: Path, split: str, n: int, seed: int) -> Path:
-    """The split's index.csv, generated unless ``root`` already holds exactly this split."""
+# --inputs: layout -> (write_synthetic format, image format)
+INPUTS = {"csv-png": ("csv", "png"), "csv-jpg": ("csv", "jpg"), "wds-jpg": ("wds", "jpg")}
+SHARDS = 8  # shards per train split in the wds layout (open_clip wants at least one per worker)
+
+
+def _write_split(root: Path, split: str, n: int, seed: int, layout: str = "csv-png") -> Path:
+    """The split's index.csv (or shard folder), generated unless ``root`` already holds exactly this split."""
     from polymodal.datasets import write_synthetic
 
+    format, image_format = INPUTS[layout]
     manifest = root / "synthetic.json"
+    want = ("shapes", split, n, seed, format, image_format)
     if manifest.is_file():
         made = json.loads(manifest.read_text())
-        if (made.get("kind"), made.get("split"), made.get("n"), made.get("seed")) == ("shapes", split, n, seed):
-            return root / "index.csv"
+        keys = ("kind", "split", "n", "seed", "format")
+        if (*(made.get(k) for k in keys), made.get("image_format", "png")) == want:
+            return root / "index.csv" if format == "csv" else root
     # overwrite only replaces an earlier write_synthetic output; any other non-empty folder is refused
-    return write_synthetic("shapes", root, n, split=split, seed=seed, format="csv", overwrite=True, progress=False)
+    return write_synthetic(
+        "shapes",
+        root,
+        n,
+        split=split,
+        seed=seed,
+        format=format,
+        image_format=image_format,
+        shard_size=-(-n // SHARDS),
+        overwrite=True,
+        progress=False,
+    )
+
+
+def _shard_pattern(folder: Path) -> str:
+    """The brace pattern both trainers expand: ``.../shard-{000000..000007}.tar``."""
+    names = sorted(p.stem.removeprefix("shard-") for p in folder.glob("shard-*.tar"))
+    return str(folder / f"shard-{{{names[0]}..{names[-1]}}}.tar")
 
 
 def _write_open_clip_tsv(index_csv: Path, tsv: Path) -> None:
@@ -136,17 +183,26 @@ def _run(name: str, command: list[str], log_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def _open_clip_command(args, config_dir: Path, timing: Path, tsv: Path, logs: Path, warmup: int) -> list[str]:
+def _open_clip_data(data: dict) -> list[str]:
+    if data["layout"].startswith("wds"):
+        samples = str(data["train_size"])
+        return ["--train-data", data["shards"], "--dataset-type", "webdataset", "--train-num-samples", samples]
+    return [
+        *("--train-data", str(data["tsv"]), "--dataset-type", "csv", "--csv-separator", "\t"),
+        *("--csv-img-key", "image", "--csv-caption-key", "caption"),
+    ]
+
+
+def _open_clip_command(args, data: dict, timing: Path, logs: Path, warmup: int) -> list[str]:
     pre = _model_config().input_spec("image")
     return [
         sys.executable,
         str(Path(__file__).resolve()),
         LAUNCH,
-        str(config_dir),
+        str(data["config_dir"]),
         str(timing),
         str(args.threads),
-        *("--train-data", str(tsv), "--dataset-type", "csv", "--csv-separator", "\t"),
-        *("--csv-img-key", "image", "--csv-caption-key", "caption"),
+        *_open_clip_data(data),
         *("--model", OPEN_CLIP_NAME, "--image-mean", *map(str, pre.mean), "--image-std", *map(str, pre.std)),
         *("--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--workers", str(args.workers)),
         *("--lr", str(args.lr), "--wd", str(args.wd), "--warmup", str(warmup), "--grad-clip-norm", str(args.grad_clip)),
@@ -157,7 +213,11 @@ def _open_clip_command(args, config_dir: Path, timing: Path, tsv: Path, logs: Pa
     ]
 
 
-def _polymodal_config(args, index_csv: Path, run_dir: Path, steps: int, warmup: int) -> dict:
+def _polymodal_config(args, data: dict, run_dir: Path, steps: int, warmup: int) -> dict:
+    if data["layout"].startswith("wds"):
+        source = {"source": "wds", "train": data["shards"], "epoch_samples": data["train_size"]}
+    else:
+        source = {"source": "csv", "train": str(data["train_csv"])}
     return {
         "run_dir": str(run_dir),
         "steps": steps,
@@ -173,8 +233,7 @@ def _polymodal_config(args, index_csv: Path, run_dir: Path, steps: int, warmup: 
         "progress": False,
         "model": {"name": MODEL},
         "data": {
-            "source": "csv",
-            "train": str(index_csv),
+            **source,
             "batch_size": args.batch_size,
             "num_workers": args.workers,
             "seed": args.seed,
@@ -217,7 +276,7 @@ def _train_round(args, r: int, root: Path, data: dict[str, Path], steps: int, wa
         if name == "open_clip":
             timing = round_dir / "open_clip_epochs.json"
             logs = round_dir / "open_clip_logs"
-            command = _open_clip_command(args, data["config_dir"], timing, data["tsv"], logs, warmup)
+            command = _open_clip_command(args, data, timing, logs, warmup)
             wall = _run(name, command, round_dir)
             epochs = json.loads(timing.read_text())["epochs"]
             seconds, samples = sum(e["seconds"] for e in epochs), sum(e["samples"] for e in epochs)
@@ -233,7 +292,7 @@ def _train_round(args, r: int, root: Path, data: dict[str, Path], steps: int, wa
         else:
             config = round_dir / "polymodal.yaml"
             run_dir = round_dir / "polymodal"
-            config.write_text(yaml.safe_dump(_polymodal_config(args, data["train_csv"], run_dir, steps, warmup)))
+            config.write_text(yaml.safe_dump(_polymodal_config(args, data, run_dir, steps, warmup)))
             wall = _run(name, [sys.executable, "-m", "polymodal", "train", str(config)], round_dir)
             report = json.loads((run_dir / "report.json").read_text())
             seconds, samples = report["train_seconds"], report["samples_seen"]
@@ -325,6 +384,9 @@ def main() -> None:
         _launch_open_clip(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--inputs", nargs="+", choices=list(INPUTS), default=list(INPUTS), help="file layouts to train from, in turn"
+    )
     parser.add_argument("--train-size", type=int, default=8192, help="training pairs written (one epoch)")
     parser.add_argument("--eval-size", type=int, default=1000, help="held-out pairs written and evaluated")
     parser.add_argument("--epochs", type=int, default=2)
@@ -365,34 +427,53 @@ def main() -> None:
         work = (args.workdir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         print(f"writing shapes data to {work} ...", flush=True)
-        train_csv = _write_split(work / "data" / "train", "train", args.train_size, args.seed)
         heldout_csv = _write_split(work / "data" / "heldout", "heldout", args.eval_size, args.seed)
-        tsv = work / "data" / "train_open_clip.tsv"
-        _write_open_clip_tsv(train_csv, tsv)
         runs = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
         config_dir = runs / "open_clip_config"
         _write_open_clip_config(config_dir)
-        data = {"train_csv": train_csv, "tsv": tsv, "config_dir": config_dir}
+        torch_threads = torch.get_num_threads()
+        summary = {}
+        for layout in args.inputs:
+            train = _write_split(work / "data" / layout, "train", args.train_size, args.seed, layout)
+            data = {"layout": layout, "config_dir": config_dir, "train_size": args.train_size}
+            if layout.startswith("wds"):
+                data["shards"] = _shard_pattern(train)
+            else:
+                data["train_csv"], data["tsv"] = train, train.parent / "train_open_clip.tsv"
+                _write_open_clip_tsv(train, data["tsv"])
+            rounds = []
+            for r in range(args.rounds):
+                print(f"{layout}, round {r + 1}/{args.rounds}: {steps} steps of {args.batch_size}", flush=True)
+                rounds.append(_train_round(args, r, runs / layout, data, steps, warmup))
+            print(f"{layout}: evaluating both final models on the held-out split ...", flush=True)
+            torch.set_num_threads(args.threads)
+            metrics = _evaluate(args, rounds[0], config_dir, heldout_csv)
+            torch.set_num_threads(torch_threads)
+            summary[layout] = _report(args, layout, rounds, metrics, steps, warmup)
 
-        rounds = []
-        for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds}: {steps} steps of {args.batch_size}", flush=True)
-            rounds.append(_train_round(args, r, runs, data, steps, warmup))
-        print("evaluating both final models on the held-out split ...", flush=True)
-        torch.set_num_threads(args.threads)
-        metrics = _evaluate(args, rounds[0], config_dir, heldout_csv)
+    print()
+    print(f"summary ({args.rounds} round(s) each; ratio = polymodal / open_clip)")
+    head = ("input", "polymodal/s", "open_clip/s", "ratio", "window ratio", "shape top-1 pm / oc", "R@5 pm / oc")
+    print(f"{head[0]:10}{head[1]:>13}{head[2]:>13}{head[3]:>8}{head[4]:>14}{head[5]:>22}{head[6]:>16}")
+    for layout, row in summary.items():
+        print(
+            f"{layout:10}{row['rate'][0]:>13.1f}{row['rate'][1]:>13.1f}{row['rate'][0] / row['rate'][1]:>8.3f}"
+            f"{row['window'][0] / row['window'][1]:>14.3f}{row['shape'][0]:>14.3f} / {row['shape'][1]:.3f}"
+            f"{row['r5'][0]:>8.3f} / {row['r5'][1]:.3f}"
+        )
 
-    rate = {
-        name: statistics.median(rr[name]["samples"] / rr[name]["seconds"] for rr in rounds)
-        for name in ("polymodal", "open_clip")
-    }
-    seconds = {name: statistics.median(rr[name]["seconds"] for rr in rounds) for name in rate}
+
+def _report(args, layout: str, rounds: list[dict], metrics: dict, steps: int, warmup: int) -> dict:
+    """Print one layout's table; return its summary row (polymodal, open_clip) pairs."""
+    names = ("polymodal", "open_clip")
+    rate = {name: statistics.median(rr[name]["samples"] / rr[name]["seconds"] for rr in rounds) for name in names}
+    seconds = {name: statistics.median(rr[name]["seconds"] for rr in rounds) for name in names}
     window = {
-        name: statistics.median(w for rr in rounds for w in rr[name]["windows"] or [float("nan")]) for name in rate
+        name: statistics.median(w for rr in rounds for w in rr[name]["windows"] or [float("nan")]) for name in names
     }
     print()
     print(
-        f"{MODEL} on shapes: {args.train_size} train pairs x {args.epochs} epochs = {steps} steps of "
+        f"{MODEL} on shapes, {layout}: {args.train_size} train pairs x {args.epochs} epochs = {steps} steps of "
         f"{args.batch_size}, lr {args.lr:g}, warm-up {warmup}, wd {args.wd:g}, clip {args.grad_clip:g}, fp32, "
         f"{args.device}, {args.threads} threads, {args.workers} workers, {args.rounds} round(s); "
         f"held-out {args.eval_size}; torch {torch.__version__}"
@@ -411,8 +492,19 @@ def main() -> None:
         ("image->text R@5", "retrieval/image_to_text/R@5"),
     ]
     for label, key in rows:
-        values = [metrics[name].get(key, float("nan")) for name in ("polymodal", "open_clip")]
+        values = [metrics[name].get(key, float("nan")) for name in names]
         print(f"{label:28}{values[0]:>12.3f}{values[1]:>12.3f}")
+    print(flush=True)
+
+    def pair(key):
+        return tuple(metrics[name].get(key, float("nan")) for name in names)
+
+    return {
+        "rate": tuple(rate[n] for n in names),
+        "window": tuple(window[n] for n in names),
+        "shape": pair("zeroshot/shape/top1"),
+        "r5": pair("retrieval/text_to_image/R@5"),
+    }
 
 
 if __name__ == "__main__":

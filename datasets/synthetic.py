@@ -28,6 +28,10 @@ SPLITS = ("train", "heldout")
 SYNTHETIC_KINDS = ("shapes", "tones")
 MANIFEST_NAME = "synthetic.json"
 _FORMATS = ("csv", "wds")
+# How write_synthetic may encode the shapes' images (file extension -> PIL format name).
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+# img2dataset's default JPEG quality, so written JPEGs weigh and decode like web-scale shards
+JPEG_QUALITY = 95
 # Distinguishes the random streams of the two data sets, so the same (seed, split, index) draws
 # unrelated numbers for a shape and a tone.
 _STREAM_IDS = {"shapes": 1, "tones": 2, "shapes-negatives": 3}
@@ -89,9 +93,9 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def _encode_png(image) -> bytes:
+def _encode_image(image, ext: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=IMAGE_FORMATS[ext], **({"quality": JPEG_QUALITY} if ext == "jpg" else {}))
     return buffer.getvalue()
 
 
@@ -104,10 +108,11 @@ def _encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
 
 
 def _sample_maker(
-    kind: str, split: str, seed: int, options: dict[str, Any], hard_negatives: int = 0
+    kind: str, split: str, seed: int, options: dict[str, Any], hard_negatives: int = 0, image_format: str = "png"
 ) -> tuple[str, str, Callable]:
     """(media column, file extension, index -> (media bytes, caption, attrs)) for one data set; with
-    ``hard_negatives`` the shapes' attrs also hold ``"hard_negatives"``, a list of that many wrong captions."""
+    ``hard_negatives`` the shapes' attrs also hold ``"hard_negatives"``, a list of that many wrong captions;
+    the shapes' images are encoded as ``image_format`` (a key of ``IMAGE_FORMATS``)."""
     # Imported here: those modules import the shared helpers above from this one.
     from .synthetic_shapes import make_shape_sample, sample_hard_negatives
     from .synthetic_tones import make_tone_sample
@@ -124,9 +129,9 @@ def _sample_maker(
             attrs = sample.attrs
             if hard_negatives:
                 attrs = {**attrs, "hard_negatives": sample_hard_negatives(sample, index, split, seed, hard_negatives)}
-            return _encode_png(sample.image), sample.caption, attrs
+            return _encode_image(sample.image, image_format), sample.caption, attrs
 
-        return "image", "png", make
+        return "image", image_format, make
 
     def make(index: int) -> tuple[bytes, str, dict]:
         sample = make_tone_sample(index, split, seed, **options)
@@ -204,6 +209,7 @@ def write_synthetic(
     overwrite: bool = False,
     progress: bool = True,
     hard_negatives: int = 0,
+    image_format: str = "png",
     **options: Any,
 ) -> Path:
     """Generate ``n`` samples of a built-in data set and write them to ``out_dir``.
@@ -215,6 +221,10 @@ def write_synthetic(
     ``{key}.png`` (or ``.wav``), ``{key}.txt`` (caption) and ``{key}.json`` (attributes). Both also
     write ``synthetic.json`` recording how the data was made. Files are the same samples that
     ``ShapesDataset`` / ``TonesDataset`` generate for the same split, seed and options.
+
+    ``image_format="jpg"`` stores the shapes as JPEGs (quality ``JPEG_QUALITY``) instead of lossless
+    PNGs, ``images/000000.jpg`` or ``{key}.jpg``: the encoding most image-text data sets ship in, and
+    what a decode-inclusive throughput benchmark should read.
 
     With ``hard_negatives`` (shapes only), each sample also gets that many wrong captions, those of
     ``ShapesDataset(hard_negatives=...)``: a ``hard_negatives`` column of the index (a JSON list) or
@@ -237,6 +247,7 @@ def write_synthetic(
             directory without its ``synthetic.json`` is never deleted.
         progress: show a tqdm progress bar.
         hard_negatives: wrong captions written per sample (``hard_negative_captions``); shapes only.
+        image_format: ``"png"`` or ``"jpg"``; shapes only.
         **options: generation options passed on to ``make_shape_sample`` (``image_size``,
             ``antialias``, ...) or ``make_tone_sample`` (``sample_rate``, ``clip_seconds``).
 
@@ -255,13 +266,19 @@ def write_synthetic(
         raise ValueError("shard_size must be at least 1")
     if _check_non_negative_int(hard_negatives, "hard_negatives") and kind != "shapes":
         raise ValueError(f"hard_negatives are made for the shapes only; {kind} has no wrong captions to write")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {tuple(IMAGE_FORMATS)}, got {image_format!r}")
+    if image_format != "png" and kind != "shapes":
+        raise ValueError(f"image_format applies to the shapes only; {kind} is written as WAV audio")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    media_key, ext, make = _sample_maker(kind, split, seed, options, hard_negatives)
+    media_key, ext, make = _sample_maker(kind, split, seed, options, hard_negatives, image_format)
     make(0)  # fail on bad options before creating anything
     manifest = {"kind": kind, "split": split, "seed": seed, "n": n, "format": format, "options": options}
     if hard_negatives:
         manifest["hard_negatives"] = hard_negatives
+    if image_format != "png":
+        manifest["image_format"] = image_format
     if format == "wds":
         manifest["shard_size"] = shard_size
     # _check_out_dir has refused what must not be replaced: a new, empty or earlier output folder remains.

@@ -88,6 +88,7 @@ def _synth(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
         hard_negatives=int(negatives),
+        image_format=args.image_format,
         **options,
     )
     print(f"wrote {args.n} {args.split} {args.kind} samples to {out}")
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--format", choices=["csv", "wds"], default="csv")
     q.add_argument("--shard-size", type=int, default=1000, help="samples per .tar shard (wds)")
+    q.add_argument(
+        "--image-format", choices=["png", "jpg"], default="png", help="shapes: lossless PNG or JPEG (quality 95)"
+    )
     q.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     q.add_argument(
         "--hard-negatives",

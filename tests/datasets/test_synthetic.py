@@ -545,3 +545,48 @@ def test_synth_command_takes_generator_options(tmp_path, capsys):
         assert main(["data", "synth", "shapes", "--out", str(tmp_path / "bad"), "--option", bad]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_write_shapes_as_jpeg_for_the_csv_and_wds_loaders(tmp_path, capsys):
+    """``image_format="jpg"``: real JPEGs (what most image-text data ships as) that the index and shard
+    loaders decode to the generated pixels up to JPEG's loss, the same pixels from either layout."""
+    from polymodal.datasets.pairs import ImageTextDataset
+    from polymodal.datasets.wds import WebDatasetPairs
+    from polymodal.encoders import CLIPTokenizer
+    from tests.helpers import cli_run
+
+    tokenizer = CLIPTokenizer(context_length=16)
+
+    def raw(image):  # the decoded pixels themselves, no resizing or normalisation
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+
+    n, seed = 6, 2
+    index = write_synthetic("shapes", tmp_path / "csv", n=n, seed=seed, image_format="jpg", progress=False)
+    with open(index, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == [f"images/{i:06d}.jpg" for i in range(n)]
+    assert (index.parent / rows[0]["image"]).read_bytes()[:3] == b"\xff\xd8\xff"  # the JPEG start-of-image marker
+    assert json.loads((tmp_path / "csv" / MANIFEST_NAME).read_text())["image_format"] == "jpg"
+    from_index = ImageTextDataset(index, raw, tokenizer)
+    out = write_synthetic("shapes", tmp_path / "wds", n=n, seed=seed, format="wds", image_format="jpg", progress=False)
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert tar.getnames()[:3] == ["000000.jpg", "000000.txt", "000000.json"]
+    shards = WebDatasetPairs(str(out / "shard-000000.tar"), "image", raw, tokenizer=tokenizer, resampled=False)
+    from_shards = {int(item["meta"]["key"]): item for item in shards}
+    assert sorted(from_shards) == list(range(n))
+    for i in range(n):
+        sample = make_shape_sample(i, "train", seed)
+        item = from_index[i]
+        error = (item["image"] - torch.from_numpy(pixels(sample).astype(np.float32))).abs()
+        assert 0 < error.mean() < 6, (i, error.mean())  # lossy, yet within a few of 255 levels
+        assert torch.equal(item["text"], tokenizer(sample.caption).squeeze(0))
+        assert torch.equal(from_shards[i]["image"], item["image"])  # the same JPEG bytes in both layouts
+    with pytest.raises(ValueError, match=r"image_format must be one of \('png', 'jpg'\), got 'gif'"):
+        write_synthetic("shapes", tmp_path / "x", n=1, image_format="gif", progress=False)
+    with pytest.raises(ValueError, match="image_format applies to the shapes only"):
+        write_synthetic("tones", tmp_path / "x", n=1, image_format="jpg", progress=False)
+    assert not (tmp_path / "x").exists()
+    code, stdout, _ = cli_run(
+        ["data", "synth", "shapes", "--n", "2", "--image-format", "jpg", "--out", str(tmp_path / "cli")], capsys
+    )
+    assert code == 0 and sorted(p.name for p in (tmp_path / "cli" / "images").iterdir()) == ["000000.jpg", "000001.jpg"]
