@@ -20,6 +20,7 @@ from .samples import (
     collate_samples,
     log_skips,
 )
+from .shape_pointing import PointingSample, shape_pointing_samples
 from .synthetic import SYNTHETIC_KINDS, write_synthetic
 from .synthetic_shapes import (
     COLOURS,
@@ -30,6 +31,7 @@ from .synthetic_shapes import (
     colour_prompts,
     combo_prompts,
     make_shape_sample,
+    shape_masks,
     shape_prompts,
 )
 from .synthetic_tones import (
@@ -58,6 +60,7 @@ __all__ = [
     "Batch",
     "ImageFolderDataset",
     "ImageTextDataset",
+    "PointingSample",
     "SampleError",
     "ShapeSample",
     "ShapesDataset",
@@ -80,6 +83,8 @@ __all__ = [
     "make_shape_sample",
     "make_tone_sample",
     "read_index",
+    "shape_masks",
+    "shape_pointing_samples",
     "shape_prompts",
     "tone_prompts",
     "write_synthetic",

@@ -29,7 +29,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,7 @@ __all__ = [
     "colour_prompts",
     "combo_prompts",
     "make_shape_sample",
+    "shape_masks",
     "shape_prompts",
     "single_shape_captions",
 ]
@@ -180,7 +181,9 @@ class ShapeSample:
         caption: text naming the shape and colour of every shape in the image.
         attrs: JSON-able labels. ``shape``, ``colour``, ``size``, ``position``: those of the one
             shape, or ``None`` in two-shape images; ``num_shapes``; ``shapes``: a list with a dict
-            (``shape``, ``colour``, ``size``, ``position``) per shape, left or top one first;
+            (``shape``, ``colour``, ``size``, ``position``, and ``box``: ``[x0, y0, x1, y1]``, the pixels
+            ``x0 <= x < x1``, ``y0 <= y < y1`` holding every pixel the shape touches) per shape, left or top
+            one first;
             ``unseen``: whether the image shows a combination from ``UNSEEN_COMBOS``; ``mentions``:
             the attributes the caption states (``shape``, ``colour`` and perhaps ``size`` and
             ``position``; ``shapes`` for two-shape images; ``relation`` for relation scenes), so that
@@ -190,11 +193,14 @@ class ShapeSample:
             smaller), and
             ``wrong_captions``: ``{"swap": the two shapes swapped, "colours": their colours exchanged}``,
             the caption's own wording each time; ``unseen`` then means a pair from ``UNSEEN_PAIRS``.
+        coverage: ``(num_shapes, H, W)`` float32 in [0, 1], the fraction of each pixel each shape covers, in
+            the order of ``attrs["shapes"]``: what the image was painted with (``shape_masks`` thresholds it).
     """
 
     image: Image.Image
     caption: str
     attrs: dict[str, Any]
+    coverage: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def shape_prompts() -> tuple[list[str], list[str]]:
@@ -291,15 +297,14 @@ def _place(
     return {"r": r, "cx": centre[0], "cy": centre[1], "position": POSITIONS[3 * row + col]}
 
 
-def _render(rng: np.random.Generator, shapes: list[dict], size: int, antialias: bool) -> Image.Image:
+def _render(rng: np.random.Generator, shapes: list[dict], coverage: np.ndarray, size: int) -> Image.Image:
     # Dark background with a slight random tint, so every colour (white included) stands out.
     level = rng.uniform(15, 55)
     background = np.clip(level + rng.uniform(-6, 6, size=3), 0, 255).astype(np.float32)
     pixels = np.broadcast_to(background, (size, size, 3)).copy()
-    for s in shapes:
+    for s, alpha in zip(shapes, coverage):
         rgb = np.clip(np.asarray(COLOUR_RGB[s["colour"]], np.float32) + rng.uniform(-15, 15, 3), 0, 255)
-        alpha = _coverage(s["shape"], s["cx"], s["cy"], s["r"], s["angle"], size, antialias)[..., None]
-        pixels += alpha * (rgb.astype(np.float32) - pixels)
+        pixels += alpha[..., None] * (rgb.astype(np.float32) - pixels)
     # Uniform noise (std 1 to 4 grey levels): looks the same as Gaussian here and is 4x cheaper to draw.
     noise = rng.random((size, size, 3), dtype=np.float32) - np.float32(0.5)
     pixels += noise * np.float32(math.sqrt(12.0) * rng.uniform(1.0, 4.0))
@@ -588,7 +593,9 @@ def make_shape_sample(
         caption, mentions = _single_caption(rng, shapes[0])
     for s in shapes:
         s["angle"] = float(rng.uniform(-max_rotation, max_rotation)) if s["shape"] in _ROTATES else 0.0
-    image = _render(rng, shapes, size, antialias)
+    # (num_shapes, H, W); drawn without the generator, so computing it first leaves the draws in order
+    coverage = np.stack([_coverage(s["shape"], s["cx"], s["cy"], s["r"], s["angle"], size, antialias) for s in shapes])
+    image = _render(rng, shapes, coverage, size)
     single = len(shapes) == 1
     attrs = {
         "shape": shapes[0]["shape"] if single else None,
@@ -596,12 +603,46 @@ def make_shape_sample(
         "size": shapes[0]["size"] if single else None,
         "position": shapes[0]["position"] if single else None,
         "num_shapes": len(shapes),
-        "shapes": [{k: s[k] for k in ("shape", "colour", "size", "position")} for s in shapes],
+        "shapes": [
+            {**{k: s[k] for k in ("shape", "colour", "size", "position")}, "box": _box(c)}
+            for s, c in zip(shapes, coverage)
+        ],
         "unseen": any((s["shape"], s["colour"]) in UNSEEN_COMBOS for s in shapes),
         "mentions": mentions,
         **extra,
     }
-    return ShapeSample(image=image, caption=caption, attrs=attrs)
+    return ShapeSample(image=image, caption=caption, attrs=attrs, coverage=coverage)
+
+
+def _box(coverage: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(coverage > 0)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def shape_masks(sample: ShapeSample, threshold: float = 0.5, fill_holes: bool = False) -> np.ndarray:
+    """Boolean masks ``(num_shapes, H, W)`` of a sample's shapes at the image's resolution, in the order of
+    ``attrs["shapes"]``: the pixels each shape covers at least ``threshold`` of; with ``fill_holes`` also
+    those it encloses (a ring's hole), so that each mask is the region inside the shape's outline.
+
+    Two shapes of one image never overlap, so no pixel is in two masks.
+
+    Raises:
+        ValueError: ``sample`` was not made by ``make_shape_sample`` (it has no ``coverage``), or
+            ``threshold`` is outside (0, 1].
+    """
+    if sample.coverage is None:
+        raise ValueError("this ShapeSample has no coverage; masks come with samples from make_shape_sample")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold is a covered fraction in (0, 1], got {threshold}")
+    masks = sample.coverage >= threshold
+    return np.stack([_filled(m) for m in masks]) if fill_holes else masks
+
+
+def _filled(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every pixel that the outside cannot reach (4-connected) added."""
+    outside = Image.fromarray(np.pad(mask, 1).astype(np.uint8) * 255, "L").copy()  # a copy PIL may write to
+    ImageDraw.floodfill(outside, (0, 0), 128)  # the 1-pixel frame joins up all of the outside
+    return np.asarray(outside)[1:-1, 1:-1] != 128
 
 
 class ShapesDataset(Dataset):

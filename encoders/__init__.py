@@ -1,7 +1,16 @@
 """Per-modality encoders: image (ViT, CNN, timm), text (Transformer, Hugging Face) and audio (spectrogram CNN),
 with their tokenizers and preprocessing. Depends on nothing else in polymodal."""
 
-from .attention import Attention, Block, CrossAttentionBlock, Mlp, Transformer, mlp_hidden_dim
+from .attention import (
+    Attention,
+    Block,
+    CrossAttentionBlock,
+    Mlp,
+    Transformer,
+    attention_weights,
+    mlp_hidden_dim,
+    record_attention,
+)
 from .audio import AudioSpectrogramCNN, LogMelSpectrogram
 from .base import Encoder
 from .hf_text import HFTextEncoder
@@ -50,6 +59,7 @@ __all__ = [
     "Tokenizer",
     "Transformer",
     "VisionTransformer",
+    "attention_weights",
     "clean_text",
     "image_transform",
     "load_audio",
@@ -57,4 +67,5 @@ __all__ = [
     "load_weights_file",
     "mlp_hidden_dim",
     "read_state_dict",
+    "record_attention",
 ]

@@ -6,11 +6,16 @@ and CLIP's ResNet attention pool. Projections are plain ``nn.Linear`` (fused qkv
 and a fused kv for cross-attention) so adapters can wrap them and checkpoints map onto them one to one;
 the product goes through ``F.scaled_dot_product_attention``, so each call runs the fastest kernel
 available on CPU and CUDA and exports with ``torch.export``.
+
+SDPA never materialises the attention probabilities. Explanations that need them (attention rollout)
+ask for them with ``record_attention``: inside that block the chosen attentions compute the
+probabilities themselves (``attention_weights``) and keep them; outside it nothing changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +85,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(inner, out_dim or dim, **factory)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self._recording: list[torch.Tensor] | None = None  # set by record_attention only
 
     def _split_heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         B, N, _ = x.shape
@@ -110,14 +116,17 @@ class Attention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         """Attention of heads ``q (B, heads, N, head_dim)`` over ``k, v``, merged and projected: ``(B, N, out_dim)``."""
-        x = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=is_causal and attn_mask is None,
-            dropout_p=self.attn_drop if self.training else 0.0,
-        )  # (B, heads, N, head_dim)
+        dropout = self.attn_drop if self.training else 0.0
+        if self._recording is not None:
+            # The explicit product, so that the weights kept are the ones the output was computed from
+            # (and a gradient through them reaches the output).
+            weights = attention_weights(q, k, attn_mask, is_causal)  # (B, heads, N, M)
+            self._recording.append(weights)
+            x = F.dropout(weights, dropout, self.training) @ v  # (B, heads, N, head_dim)
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None, dropout_p=dropout
+            )  # (B, heads, N, head_dim)
         B, _, N, _ = x.shape
         x = x.transpose(1, 2).reshape(B, N, self.inner_dim)  # (B, N, heads * head_dim)
         return self.proj_drop(self.proj(x))
@@ -157,6 +166,69 @@ class Attention(nn.Module):
             if T > 1:  # query i sits at position P + i and sees keys 0 .. P + i
                 mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
         return self.attend(q, k, v, mask, causal), (k, v)
+
+
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    """The probabilities ``softmax(q k^T / sqrt(head_dim))`` ``(B, heads, N, M)`` that SDPA weighs values by.
+
+    Masks as ``F.scaled_dot_product_attention`` reads them: a boolean ``attn_mask`` (True = attend) or a
+    float one added to the scores, broadcast to ``(B, heads, N, M)``; ``is_causal`` (without a mask) lets
+    query ``i`` see keys ``0 .. i``. A query that may attend to nothing gets all-zero weights, as SDPA
+    gives it a zero output.
+    """
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, heads, N, M)
+    if is_causal and attn_mask is None:
+        N, M = scores.shape[-2:]
+        attn_mask = torch.ones(N, M, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    weights = scores.softmax(dim=-1)
+    return weights.masked_fill(weights.isnan(), 0.0)  # rows of -inf only: nothing to attend to
+
+
+@contextlib.contextmanager
+def record_attention(module: nn.Module, names: Iterable[str] | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Keep the attention probabilities of every ``Attention`` in ``module`` (or of those ``names``) for a block.
+
+    Yields a dict from each attention's name in ``module.named_modules()`` (e.g.
+    ``"transformer.blocks.0.attn"``; ``""`` for ``module`` itself), in module order, to the list of its
+    weights ``(B, heads, N, M)``, one per call, in call order. Inside the block those attentions compute the
+    weights explicitly (``attention_weights``) and their outputs from them, equal to the SDPA path up to
+    rounding; the weights stay in the autograd graph. On exit the lists stop growing and every attention
+    is back on SDPA. Run the model in eval mode: attention dropout and gradient checkpointing's recomputed
+    forward would otherwise make the records differ from what the output used, or double them.
+
+    Args:
+        module: a model, tower or block holding ``Attention`` modules.
+        names: only these (names as above); ``None`` records all.
+
+    Raises:
+        ValueError: ``module`` holds no ``Attention``, a name is not one of them, or one is already being recorded.
+    """
+    found = {name: m for name, m in module.named_modules() if isinstance(m, Attention)}
+    if not found:
+        raise ValueError(f"{type(module).__name__} holds no Attention module to record")
+    if names is not None:
+        names = list(names)
+        unknown = [n for n in names if n not in found]
+        if unknown:
+            raise ValueError(f"no Attention named {unknown} in {type(module).__name__}; it has {list(found)}")
+        found = {n: m for n, m in found.items() if n in names}
+    busy = [n for n, m in found.items() if m._recording is not None]
+    if busy:
+        raise ValueError(f"attention {busy} is already being recorded; leave that record_attention block first")
+    records: dict[str, list[torch.Tensor]] = {name: [] for name in found}
+    try:
+        for name, m in found.items():
+            m._recording = records[name]
+        yield records
+    finally:
+        for m in found.values():
+            m._recording = None
 
 
 class Mlp(nn.Module):

@@ -99,6 +99,54 @@ class PreprocessConfig:
     clip_seconds: float | None = None
 
 
+# The linear layers of polymodal's transformer blocks: fused q/k/v, attention output, the MLP's two layers.
+LORA_DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, through ``peft``) on the linear layers of some towers.
+
+    The adapted towers' own weights are frozen and stay bit-identical; only the adapters train (the
+    rest of the model, e.g. the contrastive alignment or a classification head, trains as usual).
+
+    Args:
+        towers: the towers to adapt, e.g. ``["image", "text"]``.
+        r: rank of each adapter.
+        alpha: scaling numerator: an adapter adds ``(alpha / r) * B @ A`` to its layer's weight.
+        dropout: dropout on an adapter's input in training.
+        targets: names of the linear layers to adapt, matched against the end of each layer's name
+            (peft's rule): ``qkv``, ``proj``, ``fc1``, ``fc2`` for polymodal's transformer towers (``proj``
+            also matches a tower's output projection), e.g. ``query``, ``value`` for a Hugging Face text tower.
+    """
+
+    towers: list[str]
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        if isinstance(self.alpha, int) and not isinstance(self.alpha, bool):
+            self.alpha = float(self.alpha)
+        if isinstance(self.dropout, int) and not isinstance(self.dropout, bool):
+            self.dropout = float(self.dropout)
+        check_fields(self, "lora")
+        need(self.r >= 1, f"lora.r must be a positive integer (the adapters' rank, e.g. 8), got {self.r}")
+        need(self.alpha > 0, f"lora.alpha must be positive (e.g. 16), got {self.alpha}")
+        need(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        need(bool(self.towers), "lora.towers is empty; name the towers to adapt, e.g. [image, text]")
+        need(len(set(self.towers)) == len(self.towers), f"lora.towers names a tower twice: {self.towers}")
+        need(
+            bool(self.targets) and all(t.strip() for t in self.targets),
+            f"lora.targets must name linear layers (e.g. {list(LORA_DEFAULT_TARGETS)}), got {self.targets}",
+        )
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What one tower takes as input, resolved from the config; ``None`` where it does not apply.
@@ -146,6 +194,7 @@ class ModelConfig:
         preprocess: image / audio preprocessing.
         decoder: the caption decoder of a captioner (``type`` a key of ``DECODER_TYPES``); its
             ``memory_dim`` defaults to the image tower's width.
+        lora: low-rank adapters on some towers (``polymodal.lora``); ``None`` for none.
     """
 
     name: str
@@ -161,6 +210,7 @@ class ModelConfig:
     tokenizer: TokenizerConfig | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     decoder: ComponentConfig | None = None
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.towers, dict):
@@ -170,6 +220,7 @@ class ModelConfig:
         self.fusion = _as(ComponentConfig, self.fusion, "fusion") if self.fusion is not None else None
         self.decoder = _as(ComponentConfig, self.decoder, "decoder") if self.decoder is not None else None
         self.tokenizer = _as(TokenizerConfig, self.tokenizer, "tokenizer") if self.tokenizer is not None else None
+        self.lora = _as(LoraConfig, self.lora, "lora") if self.lora is not None else None
         self.preprocess = _as(PreprocessConfig, self.preprocess, "preprocess")
         self.validate()
 
@@ -216,6 +267,9 @@ class ModelConfig:
             validate_component(tower, ENCODER_TYPES, f"towers.{modality}")
         if self.fusion is not None:
             validate_component(self.fusion, FUSION_TYPES, "fusion")
+        if self.lora is not None:
+            unknown = [t for t in self.lora.towers if t not in self.towers]
+            need(not unknown, f"lora.towers names {unknown}, which this model lacks; it has {sorted(self.towers)}")
         self._check_input_facts()
 
     def _check_input_facts(self) -> None:
@@ -333,6 +387,7 @@ _DATACLASSES = {
     "ComponentConfig": ComponentConfig,
     "TokenizerConfig": TokenizerConfig,
     "PreprocessConfig": PreprocessConfig,
+    "LoraConfig": LoraConfig,
 }
 
 

@@ -20,6 +20,11 @@ EXPORT_FORMATS = ("polymodal", "hf", "open_clip")
 def _config(model: nn.Module):
     if getattr(model, "config", None) is None:
         raise CheckpointError(f"this {type(model).__name__} carries no ModelConfig, so it cannot be exported")
+    if model.config.lora is not None:
+        raise CheckpointError(
+            "this model has LoRA adapters, which the other formats have no place for; merge them first "
+            "(polymodal lora merge, or polymodal.lora.merge_lora)"
+        )
     return model.config
 
 

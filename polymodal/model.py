@@ -254,11 +254,18 @@ class LateFusionClassifier(ResizableTowersMixin, PretrainedMixin, nn.Module):
 
 
 def build_model(config: ModelConfig, device=None, dtype=None) -> nn.Module:
-    """Build the model a config describes, with freshly initialised weights."""
+    """Build the model a config describes, with freshly initialised weights (and its LoRA adapters, if any)."""
     if config.kind == "contrastive":
-        return ContrastiveModel.from_config(config, device=device, dtype=dtype)
-    if config.kind == "captioner":
+        model = ContrastiveModel.from_config(config, device=device, dtype=dtype)
+    elif config.kind == "captioner":
         from .captioner import CaptioningModel  # deferred: polymodal.tasks pulls in matplotlib
 
-        return CaptioningModel.from_config(config, device=device, dtype=dtype)
-    return LateFusionClassifier.from_config(config, device=device, dtype=dtype)
+        model = CaptioningModel.from_config(config, device=device, dtype=dtype)
+    else:
+        model = LateFusionClassifier.from_config(config, device=device, dtype=dtype)
+    if config.lora is not None:
+        from .lora import add_lora
+
+        add_lora(model, config.lora)
+        model.to(device=device, dtype=dtype)  # peft builds the adapters on the default device and dtype
+    return model

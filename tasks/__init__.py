@@ -1,6 +1,7 @@
 """Tasks on top of encoders and fusion: zero-shot classification, classification heads and linear probes,
-retrieval metrics, held-out evaluation (one dataset-embedding loop), captioning and plots."""
+retrieval metrics, held-out evaluation (one dataset-embedding loop), captioning, explanations and plots."""
 
+from .attention_maps import attention_rollout, gradient_rollout
 from .captioning import (
     CaptionDecoder,
     CaptionOutput,
@@ -34,6 +35,15 @@ from .evaluation import (
     retrieval_verdicts,
     zero_shot_on_labels,
 )
+from .explain import (
+    EXPLANATION_METHODS,
+    default_method,
+    explain,
+    explanation_methods,
+    input_spectrogram,
+    normalize_maps,
+    resolve_method,
+)
 from .index import EmbeddingIndex, IndexMismatchError, SearchResult, model_identity
 from .linear_probe import (
     DEFAULT_WEIGHT_DECAY,
@@ -43,6 +53,7 @@ from .linear_probe import (
     fit_linear_probe,
     split_validation,
 )
+from .pointing_game import PointingScore, pointing_game, pointing_hits
 from .retrieval_metrics import image_text_retrieval_metrics, recall_at_k, retrieval_metrics, retrieval_ranks
 from .templates import (
     AUDIO_TEMPLATES,
@@ -62,23 +73,30 @@ from .zero_shot import (
     zero_shot_accuracy,
 )
 
-# Plotting pulls in matplotlib; it loads on first use so that building a model (a CoCa imports the caption
-# decoder from here) or embedding data never does.
-_PLOTS = (
-    "curves_figure",
-    "plot_confusion",
-    "plot_curves",
-    "plot_retrieval_grid",
-    "plot_similarity_matrix",
-    "retrieval_grid_figure",
+# Plotting pulls in matplotlib (and so does captum, which the explanations import when they run); it loads on
+# first use so that building a model (a CoCa imports the caption decoder from here) or embedding data never
+# does. Name -> the module that holds it.
+_PLOTS = dict.fromkeys(
+    (
+        "curves_figure",
+        "plot_confusion",
+        "plot_curves",
+        "plot_retrieval_grid",
+        "plot_similarity_matrix",
+        "retrieval_grid_figure",
+    ),
+    "plots",
+)
+_PLOTS |= dict.fromkeys(
+    ("explanation_figure", "explanation_grid_figure", "plot_explanation", "plot_explanation_grid"), "explain_plots"
 )
 
 
 def __getattr__(name: str):
     if name in _PLOTS:
-        from . import plots
+        import importlib
 
-        return getattr(plots, name)
+        return getattr(importlib.import_module(f"{__name__}.{_PLOTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -91,6 +109,7 @@ __all__ = [
     "ClassificationResult",
     "DEFAULT_WEIGHT_DECAY",
     "DEFAULT_WEIGHT_DECAYS",
+    "EXPLANATION_METHODS",
     "EmbeddedData",
     "EmbeddingIndex",
     "FaissSearcher",
@@ -98,12 +117,14 @@ __all__ = [
     "ImageCaptioner",
     "IndexMismatchError",
     "LinearProbe",
+    "PointingScore",
     "RetrievalExamples",
     "SIMPLE_IMAGE_TEMPLATES",
     "SearchResult",
     "TEMPLATE_SETS",
     "ZeroShotClassifier",
     "ZeroShotResult",
+    "attention_rollout",
     "beam_search",
     "build_zero_shot_classifier",
     "caption_loss",
@@ -114,6 +135,7 @@ __all__ = [
     "classification_metrics",
     "corpus_bleu",
     "curves_figure",
+    "default_method",
     "default_top_k",
     "embed_dataset",
     "eval_mode",
@@ -121,23 +143,35 @@ __all__ = [
     "evaluate_contrastive",
     "evaluate_zero_shot",
     "exact_search",
+    "explain",
+    "explanation_figure",
+    "explanation_grid_figure",
+    "explanation_methods",
     "extract_features",
     "fit_linear_probe",
     "format_metrics",
     "generate",
     "get_templates",
+    "gradient_rollout",
     "greedy_search",
     "image_text_retrieval_metrics",
+    "input_spectrogram",
     "label_indices",
     "meta_label_fn",
     "model_identity",
     "model_logits",
+    "normalize_maps",
     "plot_confusion",
     "plot_curves",
+    "plot_explanation",
+    "plot_explanation_grid",
     "plot_retrieval_examples",
     "plot_retrieval_grid",
     "plot_similarity_matrix",
+    "pointing_game",
+    "pointing_hits",
     "recall_at_k",
+    "resolve_method",
     "retrieval_grid_figure",
     "retrieval_metrics",
     "retrieval_ranks",

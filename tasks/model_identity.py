@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["config_fingerprint", "model_identity", "weights_fingerprint"]
+__all__ = ["config_fingerprint", "model_identity", "state_fingerprint", "weights_fingerprint"]
 
 _SAMPLES_PER_TENSOR = 1024
 
@@ -25,13 +25,19 @@ def _digest(data: bytes) -> str:
 
 
 def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every tensor's name and shape and a strided sample of its values (``state_fingerprint``
+    of the model's ``state_dict``)."""
+    return state_fingerprint(model.state_dict())
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """A short hash of every tensor's name and shape and a strided sample of its values.
 
     Values are hashed in bfloat16 so the same weights in float32 or bfloat16 match; two different
     trainings (or initialisations) differ in practically every sampled value.
     """
     h = hashlib.blake2b(digest_size=8)
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(f"{name}:{tuple(t.shape)};".encode())
         if t.is_floating_point() and t.numel():
             flat = t.detach().reshape(-1)

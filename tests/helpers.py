@@ -84,3 +84,19 @@ def cli_fails(args: list[str], capsys, message: str) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("error: ") and message in err, err
+
+
+def tiny_contrastive(name: str, towers: dict) -> nn.Module:
+    """The registered contrastive config ``name`` shrunk (a 1-block text tower of width 32, 16-wide embeddings,
+    each tower's args updated from ``towers``; the image preprocessing follows the image size), randomly
+    initialised from seed 0, in eval mode."""
+    from polymodal import ModelConfig, build_model, get_model_config
+
+    config = get_model_config(name).to_dict()
+    for modality, args in towers.items():
+        config["towers"][modality]["args"].update(args)
+        if "image_size" in args:
+            config["preprocess"]["image_size"] = args["image_size"]
+    config["towers"]["text"]["args"].update(width=32, layers=1, heads=2, output_dim=16)
+    torch.manual_seed(0)
+    return build_model(ModelConfig.from_dict({**config, "embed_dim": 16, "name": f"tiny-{name}"})).eval()

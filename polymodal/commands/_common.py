@@ -21,6 +21,8 @@ from polymodal.errors import ConfigError, InputError
 BUILTIN = ("shapes", "tones")
 # index files of pairs, as the trainer reads them (polymodal.datasets)
 INDEX_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+# sound files the commands read (polymodal.datasets.decode_audio)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
 class CommandError(InputError):
@@ -121,6 +123,23 @@ def load_images(files: Sequence[Path], transform) -> torch.Tensor:
             raise CommandError(f"{path} is not a readable image: {err}") from err
         batch.append(transform(image))
     return torch.stack(batch)
+
+
+def load_audio_clips(files: Sequence[Path], model: nn.Module) -> torch.Tensor:
+    """Decode sound files into a batch ``(N, samples)`` at the audio tower's sample rate, each cut or padded to
+    its clip length (the model config's input spec); an unusable file is an error naming it."""
+    from polymodal.datasets import SampleError, decode_audio
+
+    spec = model.config.input_spec("audio")
+    rate = spec.sample_rate
+    num_samples = round(rate * spec.clip_seconds)
+    clips = []
+    for path in files:
+        try:
+            clips.append(decode_audio(path, rate, num_samples))
+        except SampleError as err:
+            raise CommandError(f"{path} is not usable audio: {err}") from err
+    return torch.stack(clips)
 
 
 def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:

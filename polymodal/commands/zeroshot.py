@@ -6,11 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from ._common import CommandError, collect_files, load_images, load_model, parse_labels, pick_device, print_json
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+from ._common import (
+    AUDIO_EXTENSIONS,
+    CommandError,
+    collect_files,
+    load_audio_clips,
+    load_images,
+    load_model,
+    parse_labels,
+    pick_device,
+    print_json,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,21 +117,6 @@ def _labelled_files(args: argparse.Namespace, modality: str) -> tuple[list[Path]
     return files, [row.get(args.label_column) for row in rows]
 
 
-def _load_audio(files: list[Path], model) -> torch.Tensor:
-    from polymodal.datasets import SampleError, decode_audio
-
-    spec = model.config.input_spec("audio")
-    rate = spec.sample_rate
-    num_samples = round(rate * spec.clip_seconds)
-    clips = []
-    for path in files:
-        try:
-            clips.append(decode_audio(path, rate, num_samples))
-        except SampleError as err:
-            raise CommandError(f"{path} is not usable audio: {err}") from err
-    return torch.stack(clips)
-
-
 def run(args: argparse.Namespace) -> int:
     from polymodal.factory import get_preprocess, get_tokenizer
     from polymodal.tasks import ZeroShotClassifier, classification_metrics, default_top_k, embed_dataset, label_indices
@@ -167,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     transform = get_preprocess(model, "image") if modality == "image" else None
     k = min(args.top_k, len(labels))
     chunks = [files[start : start + args.batch_size] for start in range(0, len(files), args.batch_size)]
-    batches = (load_images(c, transform) if modality == "image" else _load_audio(c, model) for c in chunks)
+    batches = (load_images(c, transform) if modality == "image" else load_audio_clips(c, model) for c in chunks)
     embedded = embed_dataset(model, batches, modality, batch_fn=lambda x: (x, None, None), device=device)
     logits = classifier.classify_embeddings(embedded.features)  # (N, C)
     proba = classifier.proba_from_logits(logits).cpu()

@@ -12,6 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from polymodal.config import LoraConfig
 from polymodal.errors import ConfigError
 
 __all__ = [
@@ -39,6 +40,9 @@ class ModelSection:
         lock: towers to freeze, mapped to how many of their last layer groups stay trainable.
         grad_checkpointing: recompute activations in the backward pass to save memory.
         compile: wrap the model in ``torch.compile``.
+        lora: LoRA adapters on some towers (``polymodal.config.LoraConfig``: ``towers``, ``r``, ``alpha``,
+            ``dropout``, ``targets``): those towers' weights freeze and only their adapters train; the run
+            also writes the adapters alone to ``run_dir/adapter`` (``polymodal lora merge`` folds them in).
     """
 
     name: str = "clip-vit-tiny"
@@ -47,6 +51,7 @@ class ModelSection:
     lock: dict[str, int] = field(default_factory=dict)
     grad_checkpointing: bool = False
     compile: bool = False
+    lora: LoraConfig | None = None
 
 
 # What the built-in data generates when data.train_size / data.eval_size are unset.

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from polymodal.datasets import Batch, SkipBudget
 from polymodal.errors import ConfigError, InputError, PolymodalError
 from polymodal.fileio import atomic_write_text
+from polymodal.lora import RUN_ADAPTER_DIR, save_adapter
 
 from . import checkpoints as ckpt
 from . import sharding
@@ -185,7 +186,15 @@ class Trainer:
     @property
     def output_names(self) -> tuple[str, ...]:
         """Everything a run writes into ``run_dir``."""
-        own = ("metrics.jsonl", "report.json", "curves.png", "config.yaml", "checkpoints", "tensorboard")
+        own = (
+            "metrics.jsonl",
+            "report.json",
+            "curves.png",
+            "config.yaml",
+            "checkpoints",
+            "tensorboard",
+            RUN_ADAPTER_DIR,
+        )
         return (*own, *self.task.output_names)
 
     def _training_state(self) -> dict[str, Any]:
@@ -529,6 +538,11 @@ class Trainer:
         with self.whole_model() as model:
             if self.is_main:
                 write_report(self.run_dir, report, self.metrics.rows)
+                if cfg.model.lora is not None:
+                    base = {"model": cfg.model.name, "pretrained": cfg.model.pretrained}
+                    save_adapter(
+                        self.task.adapted_model(model), self.run_dir / RUN_ADAPTER_DIR, base=base, overwrite=True
+                    )
                 extras = getattr(self, "last_eval_extras", {})
                 self.task.write_outputs(self.run_dir, report, self.metrics.rows, extras, self.data, model)
         self.metrics.close()

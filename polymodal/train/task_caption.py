@@ -45,7 +45,7 @@ from polymodal.resolver import resolve_model
 
 from .config import parse_section
 from .data import RunData, build_datasets, make_loader
-from .tasks import TrainTask, register_task
+from .tasks import TrainTask, finish_model, register_task
 
 
 @dataclass
@@ -134,9 +134,7 @@ class CaptionTask(TrainTask):
             )
         for modality, unlocked in cfg.lock.items():
             model.lock_tower(modality, unlocked_layers=unlocked)
-        if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        return model
+        return finish_model(model, cfg)
 
     def _data_token_ids(self, config) -> list[int]:
         """Every token id of the training captions, plus start- and end-of-text."""

@@ -61,7 +61,7 @@ from polymodal.resolver import locate_model, parse_reference, resolve_model
 
 from .config import parse_section
 from .data import RunData, build_datasets, make_loader
-from .tasks import TrainTask, register_task
+from .tasks import TrainTask, finish_model, register_task
 
 log = logging.getLogger("polymodal.train")
 
@@ -361,8 +361,7 @@ class ClassifyTask(TrainTask):
             if modality not in model.towers:
                 raise ValueError(f"model.lock names {modality!r}, which is not one of the classifier's towers {towers}")
             model.towers[modality].lock(unlocked_layers=unlocked)
-        if self.cfg.model.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+        finish_model(model, self.cfg.model)
         self.labels = BatchLabels(self.opts.classes, self.opts.label_key, towers)
         return model
 

@@ -21,7 +21,7 @@ from polymodal.tasks import format_metrics
 from .data import RunData, build_datasets
 from .evaluate import evaluate as evaluate_heldout
 from .report import write_retrieval_grid
-from .tasks import ForwardRngState, TrainTask, register_task, split_batch
+from .tasks import ForwardRngState, TrainTask, finish_model, register_task, split_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import Trainer
@@ -138,9 +138,7 @@ class ContrastiveTask(TrainTask):
             raise ValueError(f"task {self.name} needs a contrastive model; {cfg.name!r} is a {type(model).__name__}")
         for modality, unlocked in cfg.lock.items():
             model.lock_tower(modality, unlocked_layers=unlocked)
-        if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        return model
+        return finish_model(model, cfg)
 
     def build_data(self, model: nn.Module) -> RunData:
         model = self.contrastive_model(model)

@@ -193,6 +193,9 @@ class DistillTask(ContrastiveTask):
     def contrastive_model(self, model: nn.Module) -> nn.Module:
         return model.student
 
+    def adapted_model(self, model: nn.Module) -> nn.Module:
+        return model.student
+
     def build_data(self, model: nn.Module) -> RunData:
         data = super().build_data(model)
         student = self.contrastive_model(model).config

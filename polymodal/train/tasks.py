@@ -23,7 +23,7 @@ from torch import nn
 
 from polymodal.datasets import Batch
 
-from .config import TrainConfig
+from .config import ModelSection, TrainConfig
 from .data import RunData
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +55,10 @@ class TrainTask:
         it writes more than its own ``model.safetensors`` (see ``checkpoints.load_model_files``).
         """
         raise NotImplementedError
+
+    def adapted_model(self, model: nn.Module) -> nn.Module:
+        """The part of ``model`` that ``model.lora`` adds adapters to (the model itself, unless it wraps one)."""
+        return model
 
     def build_data(self, model: nn.Module) -> RunData:
         """Training and held-out datasets; batches reach ``loss`` as ``polymodal.datasets.Batch``."""
@@ -106,6 +110,18 @@ class TrainTask:
     def summary_lines(self, report: dict[str, Any]) -> list[str]:
         """Lines the CLI prints after the run, below the throughput line."""
         return [f"{key}: {value:.4f}" for key, value in sorted(report.get("eval", {}).items())]
+
+
+def finish_model(model: nn.Module, section: ModelSection) -> nn.Module:
+    """What every task does last to the model it built (after its towers are locked): ``model.lora``'s adapters,
+    then ``model.grad_checkpointing``."""
+    if section.lora is not None:
+        from polymodal.lora import add_lora
+
+        add_lora(model, section.lora)
+    if section.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def register_task(cls: type[TrainTask]) -> type[TrainTask]:
