@@ -339,6 +339,12 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def architecture_differences(self, other: ModelConfig) -> list[str]:
+        """The config fields in which ``other`` describes another model than this one; ``name`` is a
+        label, not the architecture, so it never counts. Empty when the two are the same model."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in set(mine) | set(theirs) if k != "name" and mine.get(k) != theirs.get(k))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         if not isinstance(data, dict):

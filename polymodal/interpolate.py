@@ -9,18 +9,17 @@ import copy
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .errors import ConfigError
 
 __all__ = ["interpolate_models", "interpolate_state"]
 
 
-def _comparable(model: nn.Module) -> dict:
+def _config(model: nn.Module) -> ModelConfig:
     config = getattr(model, "config", None)
     if config is None:
         raise ConfigError(f"a {type(model).__name__} built without a ModelConfig cannot be checked for interpolation")
-    data = config.to_dict()
-    data.pop("name")  # a label, not the architecture
-    return data
+    return config
 
 
 def interpolate_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -66,9 +65,8 @@ def interpolate_models(a: nn.Module, b: nn.Module, alpha: float) -> nn.Module:
                 f"the {which} model has LoRA adapters; merge them first (polymodal lora merge), so the whole "
                 "weights are averaged rather than the adapters' factors"
             )
-    config_a, config_b = _comparable(a), _comparable(b)
-    if config_a != config_b:
-        differ = sorted(k for k in set(config_a) | set(config_b) if config_a.get(k) != config_b.get(k))
+    differ = _config(a).architecture_differences(_config(b))
+    if differ:
         raise ConfigError(f"the two models differ in architecture (config fields {differ}); interpolation needs one")
     state = interpolate_state(a.state_dict(), b.state_dict(), alpha)
     merged = copy.deepcopy(a)
