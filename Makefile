@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# pytest-xdist workers for make test: one per core of the 2-core reference machine (tests/conftest.py gives
+# pytest-xdist workers for make test: one per core of the 2-core reference machine, longest test files first
+# (tests/conftest.py LONGEST_FIRST; --no-loadscope-reorder keeps that order). tests/conftest.py gives
 # each worker, and what it starts, its share of the threads)
 TEST_WORKERS ?= 2
 
@@ -28,7 +29,7 @@ demo-audio: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -8,7 +8,8 @@ which training never uses) each image is explained against the phrase naming one
 red circle"; the other shape differs in colour and in shape). A hit is a map whose maximum lies on the
 named shape: on its pixels (``mask``), or inside its outline (``region``: a ring's hole too). Prints, per
 method (Grad-CAM, attention rollout, gradient-weighted rollout), from one map per image and from the mean
-over 2 x 2 copies shifted by half a patch (``explain(..., shifts=2)``), the hit rates next to the random
+over 2 x 2 copies shifted by half a patch (``explain(..., shifts=2)``), each also with the images explained
+at 4/3 of their size (``upscale``), the hit rates next to the random
 baseline (the mean share of the image the named shape covers: the hit rate of a uniformly random point),
 and writes a PNG grid of the first images' overlays. The goal: 80% of hits on the shapes' pixels.
 
@@ -33,6 +34,9 @@ from machine import describe_machine
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("gradcam", "rollout", "grad_rollout")
 SHIFTS = (1, 2)
+# explaining the images at 4/3 of their size (48 -> 64 pixels for the demo model), chosen on data seed 101
+# against 56, 72, 80 and 96 pixels
+UPSCALES = (1.0, 4 / 3)
 GOAL = 0.80
 GRID_IMAGES = 8
 
@@ -72,26 +76,30 @@ def main() -> None:
 
     start = time.perf_counter()
     results = {}
-    for shifts in SHIFTS:
+    settings = [(s, u) for u in UPSCALES for s in SHIFTS]
+    for shifts, upscale in settings:
         for name, truth in (("pixels", masks), ("outline", regions)):
-            scores = pointing_game(model, images, texts, truth, tokenizer, methods=METHODS, shifts=shifts)
-            results |= {(method, shifts, name): score for method, score in scores.items()}
+            scores = pointing_game(model, images, texts, truth, tokenizer, METHODS, shifts=shifts, upscale=upscale)
+            results |= {(method, shifts, upscale, name): score for method, score in scores.items()}
     seconds = time.perf_counter() - start
     print(f"\npointing game on {args.n} two-shape images (data seed {args.seed}), {seconds:.1f} s")
-    print(f"{'method':14}{'shifts':>7}{'on pixels':>11}{'in outline':>12}")
+    print(f"{'method':14}{'shifts':>7}{'upscale':>9}{'on pixels':>11}{'in outline':>12}")
     for method in METHODS:
-        for shifts in SHIFTS:
-            pixels, outline = results[method, shifts, "pixels"], results[method, shifts, "outline"]
-            print(f"{method:14}{f'{shifts}x{shifts}':>7}{pixels.accuracy:>11.1%}{outline.accuracy:>12.1%}")
-    pixels, outline = results[METHODS[0], 1, "pixels"], results[METHODS[0], 1, "outline"]
-    print(f"{'random point':21}{pixels.baseline:>11.1%}{outline.baseline:>12.1%}")
-    best = max(results[m, s, "pixels"].accuracy for m in METHODS for s in SHIFTS)
+        for shifts, upscale in settings:
+            pixels, outline = (results[method, shifts, upscale, name] for name in ("pixels", "outline"))
+            row = f"{method:14}{f'{shifts}x{shifts}':>7}{upscale:>9.2f}"
+            print(f"{row}{pixels.accuracy:>11.1%}{outline.accuracy:>12.1%}")
+    pixels, outline = (results[METHODS[0], 1, 1.0, name] for name in ("pixels", "outline"))
+    print(f"{'random point':30}{pixels.baseline:>11.1%}{outline.baseline:>12.1%}")
+    best = max(results[m, s, u, "pixels"].accuracy for m in METHODS for s, u in settings)
     print(f"goal: >= {GOAL:.0%} on the shapes' pixels: {'met' if best >= GOAL else 'NOT met'} (best {best:.1%})")
 
     maps, backgrounds, titles = [], [], []
     first = slice(0, GRID_IMAGES)
     for method in METHODS:
-        found = explain(model, "image", images[first], texts[first], tokenizer, method, shifts=SHIFTS[-1])
+        found = explain(
+            model, "image", images[first], texts[first], tokenizer, method, shifts=SHIFTS[-1], upscale=UPSCALES[-1]
+        )
         hits = pointing_hits(found, masks[first]).tolist()
         maps += list(found)
         backgrounds += list(images[first])

@@ -5,6 +5,15 @@ Uses only the leaf modules of the project: ``polymodal.media`` (RGB conversion, 
 resampling, shared with the encoders' preprocessing), ``polymodal.errors`` and ``polymodal.fileio``.
 """
 
+from .benchmark_layouts import (
+    BenchmarkLayoutError,
+    CaptionedImage,
+    CaptionedImageDataset,
+    ClipBenchmarkWds,
+    WdsBenchmarkDataset,
+    read_clip_benchmark_wds,
+    read_karpathy,
+)
 from .decode import decode_audio, decode_caption, decode_image
 from .folder import ImageFolderDataset
 from .pairs import AudioTextDataset, ImageTextDataset, read_index
@@ -58,6 +67,10 @@ __all__ = [
     "UNSEEN_TONE_COMBOS",
     "AudioTextDataset",
     "Batch",
+    "BenchmarkLayoutError",
+    "CaptionedImage",
+    "CaptionedImageDataset",
+    "ClipBenchmarkWds",
     "ImageFolderDataset",
     "ImageTextDataset",
     "PointingSample",
@@ -71,6 +84,7 @@ __all__ = [
     "ToneSample",
     "TonesDataset",
     "TooManyBadSamples",
+    "WdsBenchmarkDataset",
     "WebDatasetPairs",
     "collate_samples",
     "colour_prompts",
@@ -82,7 +96,9 @@ __all__ = [
     "log_skips",
     "make_shape_sample",
     "make_tone_sample",
+    "read_clip_benchmark_wds",
     "read_index",
+    "read_karpathy",
     "shape_masks",
     "shape_pointing_samples",
     "shape_prompts",

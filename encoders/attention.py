@@ -50,6 +50,8 @@ class Attention(nn.Module):
         out_dim: width of the output projection; ``None`` keeps ``dim``.
         head_dim: width of each head; ``None`` is ``dim // num_heads``. A structurally pruned block keeps
             its heads' width with fewer heads, so its attention runs ``num_heads * head_dim < dim`` wide.
+        context_dim: with ``cross=True``, width of the context the keys and values are projected from;
+            ``None`` is ``dim``.
     """
 
     def __init__(
@@ -62,10 +64,13 @@ class Attention(nn.Module):
         cross: bool = False,
         out_dim: int | None = None,
         head_dim: int | None = None,
+        context_dim: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if context_dim is not None and not cross:
+            raise ValueError(f"context_dim={context_dim} applies to cross-attention only (cross=True)")
         if num_heads < 1:
             raise ValueError(f"attention needs at least one head, got num_heads={num_heads}")
         if head_dim is None and dim % num_heads != 0:
@@ -79,7 +84,7 @@ class Attention(nn.Module):
         inner = self.inner_dim
         if cross:
             self.q = nn.Linear(dim, inner, bias=qkv_bias, **factory)
-            self.kv = nn.Linear(dim, inner * 2, bias=qkv_bias, **factory)
+            self.kv = nn.Linear(context_dim or dim, inner * 2, bias=qkv_bias, **factory)
         else:
             self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias, **factory)
         self.proj = nn.Linear(inner, out_dim or dim, **factory)
@@ -102,7 +107,8 @@ class Attention(nn.Module):
         return self._split_heads(q, 1)[0]
 
     def keys_values(self, source: torch.Tensor) -> KeyValue:
-        """Keys and values ``2 x (B, heads, M, head_dim)`` of ``source (B, M, dim)``, e.g. to compute once and reuse."""
+        """Keys and values ``2 x (B, heads, M, head_dim)`` of ``source (B, M, context_dim)``, e.g. to compute once
+        and reuse."""
         kv = self.kv(source) if self.cross else F.linear(source, *self._slice(self.inner_dim, 3 * self.inner_dim))
         k, v = self._split_heads(kv, 2)
         return k, v
@@ -138,7 +144,7 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """Attend ``x (B, N, dim)`` over itself, or over ``context (B, M, dim)`` for cross-attention."""
+        """Attend ``x (B, N, dim)`` over itself, or over ``context (B, M, context_dim)`` for cross-attention."""
         if self.cross != (context is not None):
             kind = "cross-attention needs" if self.cross else "self-attention takes no"
             raise ValueError(f"{type(self).__name__}: {kind} context")
@@ -301,6 +307,13 @@ class Block(nn.Module):
         x = x + self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
+    def forward_cached(self, x: torch.Tensor, past: KeyValue | None = None) -> tuple[torch.Tensor, KeyValue]:
+        """The causal ``forward`` of ``x (B, T, dim)`` placed after the positions cached in ``past``; returns the
+        output and the keys and values of every position so far (see ``Attention.forward_cached``)."""
+        attn, kv = self.attn.forward_cached(self.norm1(x), past)
+        x = x + self.ls1(attn)
+        return x + self.ls2(self.mlp(self.norm2(x))), kv
+
 
 class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention block: ``x + attn(norm_q(x), norm_kv(context))`` then ``x + mlp(norm2(x))``."""
@@ -331,7 +344,18 @@ class CrossAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """``x (B, N, dim)`` over ``context (B, M, dim)``; ``key_padding_mask (B, M)``: True = attend."""
         mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None  # (B, 1, 1, M)
-        x = x + self.attn(self.norm_q(x), self.norm_kv(context), attn_mask=mask)
+        return self.forward_keys_values(x, *self.context_keys_values(context), attn_mask=mask)
+
+    def context_keys_values(self, context: torch.Tensor) -> KeyValue:
+        """Keys and values ``2 x (B, heads, M, head_dim)`` of ``context (B, M, dim)``, to compute once and reuse
+        (e.g. over the image tokens, at every step of caption generation)."""
+        return self.attn.keys_values(self.norm_kv(context))
+
+    def forward_keys_values(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``forward`` of ``x (B, N, dim)`` over a context whose keys and values ``context_keys_values`` gave."""
+        x = x + self.attn.attend(self.attn.queries(self.norm_q(x)), k, v, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 

@@ -22,7 +22,9 @@ class TimmEncoder(Encoder):
         pretrained_path: a local weights file for the timm model (``.safetensors`` or torch pickle).
             Classifier weights in it are ignored. Nothing is ever downloaded.
         pool_type: timm's ``global_pool`` (``"token"``, ``"avg"``, ...); ``None`` keeps the model's default.
-        proj: ``"linear"``, ``"mlp"`` (two layers with a GELU, hidden ``2 * output_dim``) or ``None``.
+        proj: ``"linear"``, ``"mlp"`` (two layers with a GELU, hidden ``2 * output_dim``), ``"head"`` (timm's
+            own classifier head, built with ``output_dim`` outputs, is the projection; its weights stay
+            under ``trunk``, as open_clip's timm towers without ``timm_proj`` keep them) or ``None``.
         in_chans: input channels.
         image_size: input size for models that take one (ViTs); ``None`` keeps the default.
         drop_path: stochastic depth rate.
@@ -48,8 +50,10 @@ class TimmEncoder(Encoder):
         import timm  # imported here so that `import polymodal.encoders` stays light
 
         super().__init__()
-        if proj not in ("linear", "mlp", None):
-            raise ValueError(f"proj must be 'linear', 'mlp' or None, got {proj!r}")
+        if proj not in ("linear", "mlp", "head", None):
+            raise ValueError(f"proj must be 'linear', 'mlp', 'head' or None, got {proj!r}")
+        if proj == "head" and not output_dim:
+            raise ValueError("proj='head' builds timm's classifier with output_dim outputs; give output_dim")
         if pool_type == "":
             raise ValueError("pool_type='' would leave the features unpooled; use forward_features for tokens")
         if not timm.is_model(model_name):
@@ -58,7 +62,7 @@ class TimmEncoder(Encoder):
         self.trunk = timm.create_model(
             model_name,
             pretrained=False,
-            num_classes=0,
+            num_classes=output_dim if proj == "head" else 0,
             global_pool=pool_type,
             in_chans=in_chans,
             img_size=image_size,
@@ -70,11 +74,15 @@ class TimmEncoder(Encoder):
             load_weights_file(self.trunk, pretrained_path, ignore_prefixes=tuple(f"{c}." for c in classifier))
         self.trunk.to(device=device, dtype=dtype)
         self.model_name, self.in_chans = model_name, in_chans
+        self.head_is_pooling = proj != "head"  # else timm's classifier head is the projection
         self.width = self.trunk.num_features
         # some heads (e.g. MambaOut's) widen the pooled features beyond the token width
         pooled_dim = getattr(self.trunk, "head_hidden_size", None) or self.width
         factory = {"device": device, "dtype": dtype}
-        if proj is None:
+        if proj == "head":
+            self.output_dim = output_dim
+            self.proj = nn.Identity()
+        elif proj is None:
             if output_dim not in (None, pooled_dim):
                 raise ValueError(f"proj=None keeps the pooled width {pooled_dim}; got output_dim={output_dim}")
             self.output_dim = pooled_dim
@@ -129,5 +137,5 @@ class TimmEncoder(Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        pooled = self.trunk.forward_head(self.trunk.forward_features(x), pre_logits=True)
+        pooled = self.trunk.forward_head(self.trunk.forward_features(x), pre_logits=self.head_is_pooling)
         return self.proj(pooled)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Transformer, init_transformer_
+from .attention import Attention, Mlp, Transformer, init_transformer_, mlp_hidden_dim
 from .base import Encoder
 from .layers import check_input, get_act_layer, get_norm_layer, to_pair
 
@@ -29,6 +29,9 @@ def resample_pos_embed(
     grid = F.interpolate(grid.float(), size=new_grid, mode=mode, align_corners=False).to(pos_embed.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], width)  # (gh*gw, width)
     return torch.cat([prefix, grid], dim=0)
+
+
+POOL_TYPES = ("cls", "mean", "map", "queries")
 
 
 class PatchDropout(nn.Module):
@@ -52,6 +55,102 @@ class PatchDropout(nn.Module):
         return torch.cat([prefix, patches], dim=1)
 
 
+class AttentionPoolHead(nn.Module):
+    """Pool tokens by letting one learned probe attend over them, then a residual MLP (SigLIP's "MAP" head).
+
+    ``a = attn(probe, tokens)`` and ``out = a + mlp(norm(a))``; the probe's attention is the shared
+    ``Attention`` (cross-attention: ``q`` of the probe, fused ``kv`` of the tokens).
+
+    Args:
+        width: token width.
+        heads: attention heads.
+        mlp_ratio: hidden size of the MLP relative to ``width``.
+        act_layer: activation module class.
+        norm_layer: ``factory(dim)`` of the norm before the MLP.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.probe = nn.Parameter(torch.empty(width, **factory))
+        self.attn = Attention(width, heads, cross=True, **factory)
+        self.norm = norm_layer(width).to(**factory)
+        self.mlp = Mlp(width, mlp_hidden_dim(width, mlp_ratio), act_layer=act_layer, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = self.probe.shape[0] ** -0.5
+        nn.init.normal_(self.probe, std=scale)
+        for lin in (self.attn.q, self.attn.kv, self.attn.proj):
+            nn.init.normal_(lin.weight, std=scale)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, N, width)`` to ``(B, width)``."""
+        probe = self.probe.to(tokens.dtype).expand(tokens.shape[0], 1, -1)  # (B, 1, width)
+        x = self.attn(probe, tokens)  # (B, 1, width)
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]
+
+
+class QueryAttentionPool(nn.Module):
+    """Many learned queries attend over the tokens, each giving one output token (CoCa's attentional pooler).
+
+    ``out = norm(attn(norm_q(queries), tokens))``, ``(B, num_queries, dim)``: the cross-attention of
+    ``AttentionPoolHead`` (SigLIP's one probe and residual MLP), here with many queries, normalised before
+    they attend, the outputs normalised instead of an MLP, and a width of its own (the keys and values are
+    projected from the token width).
+
+    Args:
+        width: token width (of the keys and values).
+        heads: attention heads.
+        num_queries: learned queries, one output token each.
+        dim: width of the queries and the outputs; ``None`` is ``width``.
+        norm_layer: ``factory(dim)`` of the query and output norms.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        num_queries: int,
+        dim: int | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be at least 1, got {num_queries}")
+        factory = {"device": device, "dtype": dtype}
+        dim = width if dim is None else dim
+        self.queries = nn.Parameter(torch.empty(num_queries, dim, **factory))
+        self.norm_q = norm_layer(dim).to(**factory)
+        self.attn = Attention(dim, heads, cross=True, context_dim=width, **factory)
+        self.norm = norm_layer(dim).to(**factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.queries, std=self.queries.shape[1] ** -0.5)
+        for lin in (self.attn.q, self.attn.kv, self.attn.proj):
+            nn.init.normal_(lin.weight, std=lin.in_features**-0.5)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, N, width)`` to ``(B, num_queries, dim)``."""
+        queries = self.norm_q(self.queries.to(tokens.dtype)).expand(tokens.shape[0], -1, -1)  # (B, Q, dim)
+        return self.norm(self.attn(queries, tokens))
+
+
 class VisionTransformer(Encoder):
     """ViT over images or any 2-D input such as a mel spectrogram.
 
@@ -65,7 +164,15 @@ class VisionTransformer(Encoder):
         heads: attention heads per block.
         mlp_ratio: hidden size of the feed-forward network relative to ``width``.
         output_dim: size of the projected embedding; ``None`` keeps ``width`` with no projection.
-        pool_type: ``"cls"`` (class token) or ``"mean"`` (mean of patch tokens).
+        pool_type: ``"cls"`` (class token), ``"mean"`` (mean of patch tokens), ``"map"`` (a learned
+            probe attending over the tokens, then a residual MLP: SigLIP's head, ``AttentionPoolHead``) or
+            ``"queries"`` (``pool_queries`` learned queries attending over the tokens: CoCa's attentional
+            pooler, ``QueryAttentionPool``; the first query's output is pooled, the others are the tokens
+            ``pool_with_tokens`` gives a caption decoder).
+        pool_queries: learned queries of ``pool_type="queries"``.
+        pool_heads: attention heads of the ``"map"`` and ``"queries"`` pools; ``None`` is ``heads``.
+        pool_dim: width of the ``"queries"`` pool's queries and outputs (the pooled feature, before
+            ``proj``); ``None`` is ``width``.
         class_token: whether a class token is prepended (required for ``pool_type="cls"``).
         act_layer: activation name (``"gelu"``, ``"quick_gelu"``, ...) or module class.
         norm_layer: ``"layernorm"``, ``"rmsnorm"`` or a ``factory(dim)``.
@@ -94,6 +201,9 @@ class VisionTransformer(Encoder):
         mlp_ratio: float = 4.0,
         output_dim: int | None = 512,
         pool_type: str = "cls",
+        pool_queries: int = 256,
+        pool_heads: int | None = None,
+        pool_dim: int | None = None,
         class_token: bool = True,
         act_layer: str | Callable[[], nn.Module] = "gelu",
         norm_layer: str | Callable[[int], nn.Module] = "layernorm",
@@ -112,8 +222,8 @@ class VisionTransformer(Encoder):
         dtype=None,
     ) -> None:
         super().__init__()
-        if pool_type not in ("cls", "mean"):
-            raise ValueError(f"pool_type must be 'cls' or 'mean', got {pool_type!r}")
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"pool_type must be one of {POOL_TYPES}, got {pool_type!r}")
         if pool_type == "cls" and not class_token:
             raise ValueError("pool_type='cls' needs class_token=True")
         self.modality = modality
@@ -125,9 +235,13 @@ class VisionTransformer(Encoder):
                     f"image_size {self.image_size} must be divisible by patch_size {self.patch_size} (dimension {i})"
                 )
         self.grid_size = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        if pool_dim is not None and pool_type != "queries":
+            raise ValueError(f"pool_dim={pool_dim} applies to pool_type='queries' only, not {pool_type!r}")
         self.in_chans = in_chans
         self.width = width
-        self.output_dim = output_dim if output_dim is not None else width
+        # the width of the pooled feature (before proj) and of the tokens pool_with_tokens gives with it
+        self.pool_dim = pool_dim if pool_dim is not None else width
+        self.output_dim = output_dim if output_dim is not None else self.pool_dim
         self.pool_type = pool_type
         self.num_prefix_tokens = 1 if class_token else 0
         factory = {"device": device, "dtype": dtype}
@@ -141,12 +255,13 @@ class VisionTransformer(Encoder):
         self.pos_embed = nn.Parameter(torch.empty(num_tokens, width, **factory))
         self.patch_dropout = PatchDropout(patch_dropout, self.num_prefix_tokens)
         self.norm_pre = norm(width).to(**factory) if pre_norm else nn.Identity()
+        act = get_act_layer(act_layer)
         self.transformer = Transformer(
             width,
             layers,
             heads,
             mlp_ratio,
-            act_layer=get_act_layer(act_layer),
+            act_layer=act,
             norm_layer=norm,
             ls_init_value=ls_init_value,
             drop=drop,
@@ -156,11 +271,19 @@ class VisionTransformer(Encoder):
             **factory,
         )
         self.norm = norm(width).to(**factory)
-        self.proj = nn.Linear(width, output_dim, bias=proj_bias, **factory) if output_dim is not None else None
+        pool_heads = heads if pool_heads is None else pool_heads
+        self.attn_pool: nn.Module | None = None
+        if pool_type == "map":
+            self.attn_pool = AttentionPoolHead(width, pool_heads, mlp_ratio, act, norm, **factory)
+        elif pool_type == "queries":
+            self.attn_pool = QueryAttentionPool(width, pool_heads, pool_queries, pool_dim, norm, **factory)
+        self.proj = nn.Linear(self.pool_dim, output_dim, bias=proj_bias, **factory) if output_dim is not None else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         scale = self.width**-0.5
+        if self.attn_pool is not None:
+            self.attn_pool.reset_parameters()
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=scale)
         nn.init.normal_(self.pos_embed, std=scale)
@@ -180,6 +303,7 @@ class VisionTransformer(Encoder):
         if self.patch_embed.bias is not None:
             stem.append(self.patch_embed.bias)
         head = [*self.norm.parameters(), *(self.proj.parameters() if self.proj is not None else [])]
+        head += list(self.attn_pool.parameters()) if self.attn_pool is not None else []
         return [stem, *[list(b.parameters()) for b in self.transformer.blocks], head]
 
     def set_image_size(self, image_size: int | tuple[int, int]) -> None:
@@ -215,9 +339,25 @@ class VisionTransformer(Encoder):
         return self.norm(x)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``forward_features`` tokens ``(B, N, width)`` to the pooled feature ``(B, pool_dim)``, before ``proj``."""
         if self.pool_type == "cls":
             return tokens[:, 0]
+        if self.pool_type == "map":
+            return self.attn_pool(tokens)
+        if self.pool_type == "queries":
+            return self.attn_pool(tokens)[:, 0]
         return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def pool_with_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled feature ``(B, pool_dim)`` and the tokens left beside it ``(B, M, pool_dim)``, from one pass
+        over the ``forward_features`` tokens: what open_clip's ViT returns with ``output_tokens``, and what
+        CoCa's caption decoder reads. With ``"queries"`` pooling, the first query's output and the other
+        queries' outputs; otherwise ``pool(tokens)`` and the patch tokens without the class token.
+        """
+        if self.pool_type == "queries":
+            out = self.attn_pool(tokens)  # (B, pool_queries, pool_dim)
+            return out[:, 0], out[:, 1:]
+        return self.pool(tokens), tokens[:, self.num_prefix_tokens :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.pool(self.forward_features(x))

@@ -92,9 +92,12 @@ class PretrainedMixin:
     """``save_pretrained`` for models that keep the ``ModelConfig`` they were built from."""
 
     config: Any
+    # where the weights came from, in words, for the model card (the resolver and the trainer set it)
+    weights_source: str | None = None
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory`` atomically."""
+        """Write ``config.json``, ``model.safetensors`` and a model card (``README.md``) to ``directory``
+        atomically."""
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             self.write_pretrained_files(tmp)
         return Path(directory)
@@ -112,3 +115,6 @@ class PretrainedMixin:
         atomic_write_text(directory / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n", overwrite=True)
         state = self.state_dict() if state is None else state
         save_state_dict(state, directory / WEIGHTS_NAME, metadata={"polymodal_version": __version__})
+        from .model_card import CARD_NAME, model_card  # the card reads the config tables, which import this module
+
+        atomic_write_text(directory / CARD_NAME, model_card(self), overwrite=True)

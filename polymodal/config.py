@@ -45,7 +45,11 @@ FUSION_TYPES: dict[str, type[nn.Module]] = {
 
 # Decoder classes live in ``polymodal.tasks``, which a config must not import just to be read:
 # names are checked when a config is validated, the classes imported only to build one.
-DECODER_TYPES: dict[str, str] = {"transformer": "polymodal.tasks.captioning.decoder:CaptionDecoder"}
+DECODER_TYPES: dict[str, str] = {
+    "transformer": "polymodal.tasks.captioning.decoder:CaptionDecoder",
+    # CoCa's, over the text tower's states (open_clip's MultimodalTransformer)
+    "multimodal": "polymodal.tasks.captioning.multimodal_decoder:MultimodalTextDecoder",
+}
 
 MODEL_KINDS = ("contrastive", "late_fusion", "captioner")
 
@@ -71,16 +75,33 @@ class ComponentConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+# How an "hf" tokenizer cleans text before splitting it (``encoders.clean_text`` modes); CLIP's BPE always lowercases.
+TOKENIZER_CLEAN_DEFAULT = "whitespace"
+
+
 @dataclass
 class TokenizerConfig:
     """How text is turned into ids: ``"clip"`` (BPE from open_clip's vocabulary) or ``"hf"`` (a local directory).
 
-    ``context_length`` unset means the text tower's (``ModelConfig.input_spec("text")``).
+    ``context_length`` unset means the text tower's (``ModelConfig.input_spec("text")``). ``clean`` is the
+    ``"hf"`` tokenizer's text cleaning (``polymodal.encoders.tokenizer.CLEAN_MODES``; SigLIP's open_clip
+    configs use ``"canonicalize"``: lowercase, no punctuation).
     """
 
     type: str = "clip"
     context_length: int | None = None
     path: str | None = None
+    clean: str | None = TOKENIZER_CLEAN_DEFAULT
+
+    def __post_init__(self) -> None:
+        from polymodal.encoders.tokenizer import CLEAN_MODES
+
+        if self.clean not in CLEAN_MODES:
+            raise ConfigError(f"tokenizer.clean must be one of {list(CLEAN_MODES)}, got {self.clean!r}")
+        if self.type == "clip" and self.clean != TOKENIZER_CLEAN_DEFAULT:
+            raise ConfigError(
+                f"tokenizer.clean={self.clean!r} applies to 'hf' tokenizers; CLIP's BPE always lowercases"
+            )
 
 
 @dataclass

@@ -1,14 +1,16 @@
-"""Conversion between polymodal and foreign checkpoint formats (open_clip, Hugging Face CLIP).
+"""Conversion between polymodal and foreign checkpoint formats (open_clip, Hugging Face CLIP and SigLIP).
 
 Every conversion is an explicit table of key prefixes, read in both directions, plus the few
-tensor reshapes the formats need (transposed projections, separate or fused q/k/v). Configs are
-translated by ``convert_configs``, against the field tables of ``convert_fields``.
+tensor reshapes the formats need (transposed projections, separate or fused q/k/v, SigLIP's
+one-element logit scale, Siglip2's flattened-patch embedding). Configs are translated by
+``convert_configs`` and ``convert_siglip``, against the field tables of ``convert_fields``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import torch
 
@@ -16,19 +18,25 @@ from polymodal.encoders.layers import to_pair
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig
+from .convert_coca import split_open_clip_coca
 from .convert_configs import (
-    config_from_hf,
+    config_from_hf_clip,
     config_from_open_clip,
+    has_hf_tokenizer,
     hf_config_from,
     open_clip_model_cfg,
     read_hf_preprocess,
     tower_arg,
 )
+from .convert_siglip import SIGLIP_MODEL_TYPES, config_from_hf_siglip, is_siglip_shaped, siglip_config_from
 
 __all__ = [
+    "HF_MODEL_TYPES",
     "config_from_hf",
     "config_from_open_clip",
+    "has_hf_tokenizer",
     "hf_config_from",
+    "hf_model_type",
     "hf_to_polymodal",
     "looks_like_hf_clip",
     "looks_like_open_clip",
@@ -38,8 +46,12 @@ __all__ = [
     "polymodal_to_open_clip",
     "read_hf_preprocess",
     "resize_hints",
+    "siglip_config_from",
     "to_polymodal_state",
 ]
+
+# The Hugging Face ``model_type`` values polymodal imports.
+HF_MODEL_TYPES = ("clip", *SIGLIP_MODEL_TYPES)
 
 # (foreign, polymodal) key prefixes. "{}" stands for a layer index; a trailing "$" matches the whole key.
 Rule = tuple[str, str]
@@ -71,8 +83,11 @@ def _blocks(foreign: str, ours: str, table: list[Rule]) -> list[Rule]:
     return [(f"{foreign}{{}}.{f}", f"{ours}{{}}.{o}") for f, o in table]
 
 
-def _open_clip_rules(image_type: str) -> list[Rule]:
+def _open_clip_rules(image_type: str, text_type: str = "text_transformer") -> list[Rule]:
+    # open_clip's HFTextEncoder: the transformers model and open_clip's projection (under "text.", stripped)
+    hf_text = [("transformer.", "towers.text.transformer."), ("proj.", "towers.text.proj.")]
     rules: list[Rule] = [
+        *(hf_text if text_type == "hf_text" else []),
         ("token_embedding.", "towers.text.token_embedding."),
         ("positional_embedding$", "towers.text.pos_embed$"),
         ("ln_final.", "towers.text.norm."),
@@ -92,6 +107,13 @@ def _open_clip_rules(image_type: str) -> list[Rule]:
             ("visual.proj$", "towers.image.proj.weight$"),
             *_blocks("visual.transformer.resblocks.", "towers.image.transformer.blocks.", _OPEN_CLIP_BLOCK),
         ]
+    elif image_type == "timm":  # open_clip's TimmModel: the timm trunk, then its own head
+        rules += [
+            ("visual.trunk.", "towers.image.trunk."),
+            ("visual.head.proj.", "towers.image.proj."),
+            ("visual.head.mlp.fc1.", "towers.image.proj.0."),
+            ("visual.head.mlp.fc2.", "towers.image.proj.2."),
+        ]
     elif image_type == "modified_resnet":
         rules += [
             ("visual.attnpool.positional_embedding$", "towers.image.attnpool.pos_embed$"),
@@ -101,26 +123,41 @@ def _open_clip_rules(image_type: str) -> list[Rule]:
         ]
     else:
         raise CheckpointError(
-            f"open_clip conversion supports 'vit' and 'modified_resnet' image towers, not {image_type!r}"
+            f"open_clip conversion supports 'vit', 'timm' and 'modified_resnet' image towers, not {image_type!r}"
         )
     return rules
 
 
-def _hf_rules() -> list[Rule]:
-    return [
+def _hf_rules(model_type: str) -> list[Rule]:
+    """The key table of Hugging Face ``model_type``: ``"clip"``, or ``"siglip"`` (Siglip2 has the same keys)."""
+    rules: list[Rule] = [
         ("text_model.embeddings.token_embedding.", "towers.text.token_embedding."),
         ("text_model.embeddings.position_embedding.weight$", "towers.text.pos_embed$"),
         ("text_model.final_layer_norm.", "towers.text.norm."),
-        ("text_projection.", "towers.text.proj."),
-        ("vision_model.embeddings.class_embedding$", "towers.image.cls_token$"),
         ("vision_model.embeddings.patch_embedding.", "towers.image.patch_embed."),
         ("vision_model.embeddings.position_embedding.weight$", "towers.image.pos_embed$"),
-        ("vision_model.pre_layrnorm.", "towers.image.norm_pre."),
         ("vision_model.post_layernorm.", "towers.image.norm."),
-        ("visual_projection.", "towers.image.proj."),
         ("logit_scale$", "alignment.logit_scale$"),
         *_blocks("text_model.encoder.layers.", "towers.text.transformer.blocks.", _HF_BLOCK),
         *_blocks("vision_model.encoder.layers.", "towers.image.transformer.blocks.", _HF_BLOCK),
+    ]
+    if model_type == "siglip":
+        # the text head, the image attention-pooling head (its in_proj split into q and kv by _siglip_in), the bias
+        return rules + [
+            ("text_model.head.", "towers.text.proj."),
+            ("vision_model.head.probe$", "towers.image.attn_pool.probe$"),
+            ("vision_model.head.attention.q.", "towers.image.attn_pool.attn.q."),
+            ("vision_model.head.attention.kv.", "towers.image.attn_pool.attn.kv."),
+            ("vision_model.head.attention.out_proj.", "towers.image.attn_pool.attn.proj."),
+            ("vision_model.head.layernorm.", "towers.image.attn_pool.norm."),
+            ("vision_model.head.mlp.", "towers.image.attn_pool.mlp."),
+            ("logit_bias$", "alignment.logit_bias$"),
+        ]
+    return rules + [
+        ("text_projection.", "towers.text.proj."),
+        ("vision_model.embeddings.class_embedding$", "towers.image.cls_token$"),
+        ("vision_model.pre_layrnorm.", "towers.image.norm_pre."),
+        ("visual_projection.", "towers.image.proj."),
     ]
 
 
@@ -180,10 +217,15 @@ def _transpose(state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> dict[st
 
 def open_clip_to_polymodal(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Translate an open_clip CLIP state dict to polymodal keys for a model built from ``config``."""
+    rest, coca = split_open_clip_coca(state)
+    if coca:  # a CoCa: convert_coca maps its own tensors, the rest is CLIP's
+        return {**open_clip_to_polymodal(rest, config), **coca}
     image_type = config.towers["image"].type
+    # CustomTextCLIP (custom_text) keeps the same text tower under "text."; CLIP flattens it onto the model
+    state = {k.removeprefix("text."): v for k, v in state.items()}
     state = _fuse_qkv(state, ("q_proj", "k_proj", "v_proj"), "qkv")  # ResNet attention pool
     state = _transpose(state, ("visual.proj", "text_projection"))
-    return _rename(state, _open_clip_rules(image_type), reverse=False)
+    return _rename(state, _open_clip_rules(image_type, config.towers["text"].type), reverse=False)
 
 
 def polymodal_to_open_clip(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -201,30 +243,113 @@ def polymodal_to_open_clip(state: dict[str, torch.Tensor], config: ModelConfig) 
 
 
 def looks_like_open_clip(state: dict[str, torch.Tensor]) -> bool:
-    return "token_embedding.weight" in state and any(k.startswith("visual.") for k in state)
+    """open_clip's ``CLIP`` or ``CustomTextCLIP`` (its text tower, its own or a Hugging Face one, under ``text.``)
+    state dict."""
+    text = "token_embedding.weight" in state or any(k.startswith("text.") for k in state)
+    return text and any(k.startswith("visual.") for k in state)
 
 
 def looks_like_hf_clip(state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has Hugging Face CLIP's (or SigLIP's, which shares its layout) two towers."""
     return any(k.startswith("vision_model.") for k in state) and any(k.startswith("text_model.") for k in state)
 
 
 # ------------------------------------------------------------------------------------- Hugging Face
 
 
-def hf_to_polymodal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+_HF_PROBE = "vision_model.head.probe"
+_HF_IN_PROJ = "vision_model.head.attention.in_proj_"
+_HF_PATCH = "vision_model.embeddings.patch_embedding.weight"
+_HF_SCALARS = ("logit_scale", "logit_bias")
+
+
+def config_from_hf(hf: dict[str, Any], name: str | None = None) -> ModelConfig:
+    """Build a polymodal config from a Hugging Face ``config.json`` of one of ``HF_MODEL_TYPES``
+    (``CLIPConfig``, ``SiglipConfig``, ``Siglip2Config``); see ``config_from_hf_clip`` / ``config_from_hf_siglip``."""
+    kind = hf.get("model_type")
+    if kind == "clip":
+        return config_from_hf_clip(hf, name or "hf-clip")
+    if kind in SIGLIP_MODEL_TYPES:
+        return config_from_hf_siglip(hf, name or f"hf-{kind}")
+    raise CheckpointError(f"expected a Hugging Face config with model_type one of {HF_MODEL_TYPES}, got {kind!r}")
+
+
+def hf_model_type(config: ModelConfig) -> str:
+    """The Hugging Face ``model_type`` a polymodal config exports as: ``"siglip"`` with SigLIP's image head,
+    else ``"clip"``."""
+    return "siglip" if is_siglip_shaped(config) else "clip"
+
+
+def _patch_conv_weight(weight: torch.Tensor, config: ModelConfig | None) -> torch.Tensor:
+    """Siglip2's Linear over flattened ``(p, p, C)`` patches as the equal ``(D, C, p, p)`` convolution weight.
+
+    Channels and patch size come from ``config`` when given; else from the width alone, which tells
+    them apart for 1 or 3 channels only (``p * p`` is a square, ``3 * p * p`` never is).
+    """
+    D, K = weight.shape
+    image = config.towers.get("image") if config is not None else None
+    if image is not None and image.type == "vit":
+        channels, (ph, pw) = tower_arg(image, "in_chans"), to_pair(tower_arg(image, "patch_size"))
+    else:
+        channels = next((c for c in (3, 1) if K % c == 0 and math.isqrt(K // c) ** 2 == K // c), None)
+        if channels is None:
+            raise CheckpointError(
+                f"{_HF_PATCH} embeds {K} values per patch, which is not 3 * p * p or p * p; give the model's "
+                "config (load through the model directory) to say its channels and patch size"
+            )
+        ph = pw = math.isqrt(K // channels)
+    if channels * ph * pw != K:
+        raise CheckpointError(
+            f"{_HF_PATCH} embeds {K} values per patch, but the model's patches hold {channels} x {ph} x {pw}"
+        )
+    return weight.reshape(D, ph, pw, channels).permute(0, 3, 1, 2).contiguous()  # (D, C, ph, pw)
+
+
+def _siglip_in(state: dict[str, torch.Tensor], config: ModelConfig | None) -> dict[str, torch.Tensor]:
+    """SigLIP's tensors in the shapes polymodal keeps (before renaming); CLIP's pass through unchanged."""
+    out = dict(state)
+    if _HF_PROBE in out:
+        out[_HF_PROBE] = out[_HF_PROBE].reshape(-1)  # (1, 1, D) -> (D,)
+        out.update({k: v.reshape(()) for k, v in out.items() if k in _HF_SCALARS and v.shape == (1,)})
+    for part in ("weight", "bias"):
+        fused = out.pop(_HF_IN_PROJ + part, None)
+        if fused is not None:  # nn.MultiheadAttention's (q; k; v) rows: the probe's q, the tokens' fused kv
+            width = fused.shape[0] // 3
+            out[f"vision_model.head.attention.q.{part}"] = fused[:width]
+            out[f"vision_model.head.attention.kv.{part}"] = fused[width:]
+    if _HF_PATCH in out and out[_HF_PATCH].ndim == 2:
+        out[_HF_PATCH] = _patch_conv_weight(out[_HF_PATCH], config)
+    return out
+
+
+def _siglip_out(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = dict(state)
+    out[_HF_PROBE] = out[_HF_PROBE].reshape(1, 1, -1)
+    out.update({k: out[k].reshape(1) for k in _HF_SCALARS})
+    for part in ("weight", "bias"):
+        q, kv = out.pop(f"vision_model.head.attention.q.{part}"), out.pop(f"vision_model.head.attention.kv.{part}")
+        out[_HF_IN_PROJ + part] = torch.cat([q, kv], dim=0)
+    return out
+
+
+def hf_to_polymodal(state: dict[str, torch.Tensor], config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """A Hugging Face CLIP, SigLIP or Siglip2 state dict in polymodal keys; ``config``, the model's, is needed
+    only to reshape a Siglip2 patch embedding of other than 1 or 3 channels (see ``_patch_conv_weight``)."""
+    model_type = "siglip" if _HF_PROBE in state else "clip"
     state = _fuse_qkv(state, ("q_proj", "k_proj", "v_proj"), "qkv")
-    return _rename(state, _hf_rules(), reverse=False)
+    return _rename(_siglip_in(state, config), _hf_rules(model_type), reverse=False)
 
 
-def polymodal_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state = _rename(state, _hf_rules(), reverse=True)
-    return _split_qkv(state, ("q_proj", "k_proj", "v_proj"), "qkv")
+def polymodal_to_hf(state: dict[str, torch.Tensor], model_type: str = "clip") -> dict[str, torch.Tensor]:
+    """A polymodal state dict in the keys of Hugging Face ``model_type`` (``"clip"`` or ``"siglip"``)."""
+    state = _split_qkv(_rename(state, _hf_rules(model_type), reverse=True), ("q_proj", "k_proj", "v_proj"), "qkv")
+    return _siglip_out(state) if model_type == "siglip" else state
 
 
 def to_polymodal_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """``state`` in polymodal keys, whichever supported format (polymodal, open_clip, HF CLIP) it is in."""
+    """``state`` in polymodal keys, whichever supported format (polymodal, open_clip, HF CLIP/SigLIP) it is in."""
     if looks_like_hf_clip(state):
-        return hf_to_polymodal(state)
+        return hf_to_polymodal(state, config)
     if looks_like_open_clip(state):
         if "image" not in config.towers:
             raise CheckpointError("an open_clip CLIP checkpoint needs an image-text model")

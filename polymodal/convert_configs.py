@@ -1,4 +1,4 @@
-"""Translating model configs between polymodal and open_clip / Hugging Face CLIP.
+"""Translating model configs between polymodal and open_clip / Hugging Face CLIP (SigLIP: ``convert_siglip``).
 
 Imports read every foreign field against the tables of ``convert_fields`` (mapped, ignored with a
 reason, or refused by name). Exports read each tower's arguments as configured, else from its
@@ -7,6 +7,7 @@ encoder's constructor, and refuse any argument the foreign format cannot express
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from pathlib import Path
@@ -17,7 +18,14 @@ from torch import nn
 from polymodal.encoders.layers import to_pair
 
 from .checkpoint import CheckpointError
-from .config import ENCODER_TYPES, ComponentConfig, ModelConfig, PreprocessConfig, TokenizerConfig
+from .config import (
+    ENCODER_TYPES,
+    TOKENIZER_CLEAN_DEFAULT,
+    ComponentConfig,
+    ModelConfig,
+    PreprocessConfig,
+    TokenizerConfig,
+)
 from .convert_fields import (
     HF_MODEL_FIELDS,
     HF_TEXT_FIELDS,
@@ -30,12 +38,19 @@ from .convert_fields import (
 )
 
 __all__ = [
-    "config_from_hf",
+    "HF_ACTIVATIONS",
+    "HF_ACTIVATION_NAMES",
+    "HF_RESAMPLE",
+    "config_from_hf_clip",
     "config_from_open_clip",
     "constructor_default",
+    "has_hf_tokenizer",
     "hf_config_from",
+    "hf_tower",
     "open_clip_model_cfg",
     "read_hf_preprocess",
+    "refuse_unexpressed",
+    "set_if_differs",
     "tower_arg",
 ]
 
@@ -56,12 +71,13 @@ def tower_arg(tower: ComponentConfig, name: str) -> Any:
     return tower.args[name] if name in tower.args else constructor_default(tower.type, name)
 
 
-def _set_if_differs(args: dict[str, Any], encoder_type: str, name: str, value: Any) -> None:
+def set_if_differs(args: dict[str, Any], encoder_type: str, name: str, value: Any) -> None:
+    """Set ``args[name] = value`` unless it is the ``encoder_type`` constructor's default (never restated)."""
     if value != constructor_default(encoder_type, name):
         args[name] = value
 
 
-def _refuse_unexpressed(tower: ComponentConfig, handled: set[str], fmt: str, modality: str) -> None:
+def refuse_unexpressed(tower: ComponentConfig, handled: set[str], fmt: str, modality: str) -> None:
     """Refuse arguments set away from their default that ``fmt`` has no field for."""
     lost = sorted(
         name
@@ -95,7 +111,44 @@ def _open_clip_norm_eps(norm_kwargs: dict | None, where: str) -> float:
     return float(norm_kwargs["eps"])
 
 
+def _open_clip_timm_image(v: dict[str, Any], embed_dim: int) -> ComponentConfig:
+    """open_clip's ``TimmModel``: a timm trunk built without ``img_size`` (so at the architecture's own input
+    size), pooled by timm, projected by open_clip's head, by timm's classifier head, or not at all."""
+    name, pool, proj = v["timm_model_name"], v["timm_pool"], v["timm_proj"]
+    try:
+        import timm
+    except ImportError:
+        raise CheckpointError(
+            f"vision_cfg.timm_model_name={name!r} is a timm image tower, and timm is not installed: pip install timm"
+        ) from None
+    if not timm.is_model(name):
+        raise CheckpointError(
+            f"vision_cfg.timm_model_name={name!r} is not an architecture of the installed timm {timm.__version__}; "
+            "a newer timm may have it (pip install -U timm)"
+        )
+    if pool in ("abs_attn", "rot_attn"):
+        raise CheckpointError(
+            f"vision_cfg.timm_pool={pool!r} (open_clip's own attention pool over a timm trunk) is not supported; "
+            "expected one of timm's pools ('avg', 'token', 'map', ...) or ''"
+        )
+    projections = {"linear": "linear", "mlp": "mlp", "none": None, None: "head", "": "head"}
+    if proj not in projections:
+        raise CheckpointError(f"vision_cfg.timm_proj={proj!r} is not supported; expected 'linear', 'mlp', 'none'")
+    args: dict[str, Any] = {
+        "model_name": name,
+        "proj": projections[proj],
+        "output_dim": None if proj == "none" else embed_dim,
+        # open_clip resets timm's pool only when timm_pool is non-empty: '' keeps the architecture's own
+        "pool_type": pool or None,
+    }
+    set_if_differs(args, "timm", "proj_bias", bool(v["timm_proj_bias"]) and proj in ("linear", "mlp"))
+    set_if_differs(args, "timm", "drop_path", float(v["timm_drop_path"] or 0.0))
+    return ComponentConfig("timm", args)
+
+
 def _open_clip_image(v: dict[str, Any], embed_dim: int, quick_gelu: bool) -> ComponentConfig:
+    if v["timm_model_name"]:
+        return _open_clip_timm_image(v, embed_dim)
     if isinstance(v["layers"], (list, tuple)):  # ModifiedResNet reads only these fields
         args = {
             "layers": list(v["layers"]),
@@ -124,18 +177,83 @@ def _open_clip_image(v: dict[str, Any], embed_dim: int, quick_gelu: bool) -> Com
         "pool_type": pools[v["pool_type"]],
         "act_layer": _open_clip_act(quick_gelu, v["act_kwargs"], "vision_cfg"),
     }
-    _set_if_differs(args, "vit", "norm_eps", _open_clip_norm_eps(v["norm_kwargs"], "vision_cfg"))
-    _set_if_differs(args, "vit", "pre_norm", not v["no_ln_pre"])
-    _set_if_differs(args, "vit", "ls_init_value", v["ls_init_value"])
-    _set_if_differs(args, "vit", "patch_dropout", float(v["patch_dropout"]))
+    set_if_differs(args, "vit", "norm_eps", _open_clip_norm_eps(v["norm_kwargs"], "vision_cfg"))
+    set_if_differs(args, "vit", "pre_norm", not v["no_ln_pre"])
+    set_if_differs(args, "vit", "ls_init_value", v["ls_init_value"])
+    set_if_differs(args, "vit", "patch_dropout", float(v["patch_dropout"]))
     return ComponentConfig("vit", args)
 
 
-def _open_clip_text(t: dict[str, Any], embed_dim: int, quick_gelu: bool) -> ComponentConfig:
-    if t["pool_type"] not in ("argmax", "eos", "first"):
+# open_clip's text pools by polymodal's names; its "last" is the final position whatever the padding
+_OPEN_CLIP_TEXT_POOLS = {"argmax": "argmax", "eos": "eos", "first": "first", "last": "final_position"}
+
+
+# open_clip's poolers of Hugging Face text towers, by polymodal's HFTextEncoder pool names
+_OPEN_CLIP_HF_POOLERS = {"mean_pooler": "mean", "cls_last_hidden_state_pooler": "cls"}
+
+
+def _hf_model_config(name: str) -> dict[str, Any]:
+    """The ``config.json`` of Hugging Face model ``name``: a local directory, or a repo in the local hub cache."""
+    from .hub import ModelNotFoundError, cached_file
+
+    path = Path(name) / "config.json" if Path(name).is_dir() else None
+    if path is None:
+        try:
+            path = cached_file(name, "config.json")
+        except ModelNotFoundError as err:
+            raise CheckpointError(
+                f"text_cfg.hf_model_name={name!r} is a Hugging Face text tower whose architecture polymodal reads "
+                f"from its config.json, which is missing: {err}"
+            ) from None
+    return json.loads(path.read_text())
+
+
+def _open_clip_hf_text(t: dict[str, Any], embed_dim: int) -> ComponentConfig:
+    """open_clip's ``HFTextEncoder``: a transformers encoder, open_clip's pooler, and its projection."""
+    from transformers import AutoConfig
+
+    name, pooler, proj = t["hf_model_name"], t["hf_pooler_type"], t["hf_proj_type"]
+    hf = _hf_model_config(name)
+    try:
+        architecture = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"})
+    except (KeyError, ValueError):
+        import transformers
+
         raise CheckpointError(
-            f"text_cfg.pool_type={t['pool_type']!r} is not supported: open_clip's 'last' reads the final "
-            "position whatever the padding; expected 'argmax', 'eos' or 'first'"
+            f"text_cfg.hf_model_name={name!r} has model_type {hf.get('model_type')!r}, which the installed "
+            f"transformers {transformers.__version__} does not know"
+        ) from None
+    if getattr(architecture, "is_encoder_decoder", False):
+        raise CheckpointError(
+            f"text_cfg.hf_model_name={name!r} is an encoder-decoder ({hf['model_type']}); open_clip keeps only its "
+            "encoder, which polymodal's HFTextEncoder does not split off"
+        )
+    if pooler is None:  # open_clip's default pooler of the architecture
+        from open_clip.hf_configs import arch_dict
+
+        pooler = arch_dict.get(hf["model_type"], {}).get("pooler")
+    if pooler not in _OPEN_CLIP_HF_POOLERS:
+        raise CheckpointError(
+            f"text_cfg.hf_pooler_type={pooler!r} is not supported (cls_pooler reads the transformer's own pooler "
+            f"layer, which polymodal drops); expected one of {sorted(_OPEN_CLIP_HF_POOLERS)}"
+        )
+    width = architecture.hidden_size
+    if proj is None and width != embed_dim:
+        raise CheckpointError(
+            f"text_cfg.hf_proj_type=None keeps the width {width}, which differs from embed_dim {embed_dim}"
+        )
+    if proj not in ("linear", "mlp", None):
+        raise CheckpointError(f"text_cfg.hf_proj_type={proj!r} is not supported; expected 'linear', 'mlp' or None")
+    args = {"config": hf, "pool_type": _OPEN_CLIP_HF_POOLERS[pooler], "proj": proj, "output_dim": embed_dim}
+    return ComponentConfig("hf_text", args)
+
+
+def _open_clip_text(t: dict[str, Any], embed_dim: int, quick_gelu: bool) -> ComponentConfig:
+    if t["hf_model_name"]:
+        return _open_clip_hf_text(t, embed_dim)
+    if t["pool_type"] not in _OPEN_CLIP_TEXT_POOLS:
+        raise CheckpointError(
+            f"text_cfg.pool_type={t['pool_type']!r} is not supported; expected one of {sorted(_OPEN_CLIP_TEXT_POOLS)}"
         )
     args = {
         "vocab_size": t["vocab_size"],
@@ -147,18 +265,32 @@ def _open_clip_text(t: dict[str, Any], embed_dim: int, quick_gelu: bool) -> Comp
         "output_dim": embed_dim,
         "act_layer": _open_clip_act(quick_gelu, t["act_kwargs"], "text_cfg"),
     }
-    _set_if_differs(args, "text_transformer", "pool_type", t["pool_type"])
+    set_if_differs(args, "text_transformer", "pool_type", _OPEN_CLIP_TEXT_POOLS[t["pool_type"]])
+    if t["no_causal_mask"]:  # open_clip then passes no mask at all: every token attends to the padding too
+        args.update(causal=False, mask_padding=False)
     if t["pool_type"] == "eos":
         args["eos_token_id"] = t["eos_id"]
-    _set_if_differs(args, "text_transformer", "pad_token_id", t["pad_id"])
-    _set_if_differs(args, "text_transformer", "norm_eps", _open_clip_norm_eps(t["norm_kwargs"], "text_cfg"))
-    _set_if_differs(args, "text_transformer", "ls_init_value", t["ls_init_value"])
-    _set_if_differs(args, "text_transformer", "proj_bias", bool(t["proj_bias"]))
+    set_if_differs(args, "text_transformer", "pad_token_id", t["pad_id"])
+    set_if_differs(args, "text_transformer", "norm_eps", _open_clip_norm_eps(t["norm_kwargs"], "text_cfg"))
+    set_if_differs(args, "text_transformer", "ls_init_value", t["ls_init_value"])
+    set_if_differs(args, "text_transformer", "proj_bias", bool(t["proj_bias"]))
     return ComponentConfig("text_transformer", args)
 
 
 def _open_clip_tokenizer(t: dict[str, Any], tokenizer_dir: str | None) -> TokenizerConfig:
     name = t["hf_tokenizer_name"]
+    options = dict(t["tokenizer_kwargs"] or {})
+    clean = options.pop("clean", TOKENIZER_CLEAN_DEFAULT)
+    if options:
+        raise CheckpointError(
+            f"text_cfg.tokenizer_kwargs {sorted(options)} are not supported; only 'clean' converts (polymodal's "
+            "tokenizer would otherwise give other ids)"
+        )
+    if name is None and clean != TOKENIZER_CLEAN_DEFAULT:
+        raise CheckpointError(
+            f"text_cfg.tokenizer_kwargs.clean={clean!r} applies to Hugging Face tokenizers, and this model uses "
+            "open_clip's own CLIP tokenizer"
+        )
     if name is None:
         if tokenizer_dir is not None:
             raise CheckpointError(
@@ -168,13 +300,13 @@ def _open_clip_tokenizer(t: dict[str, Any], tokenizer_dir: str | None) -> Tokeni
         return TokenizerConfig("clip", t["context_length"])
     if tokenizer_dir is None:
         # HFTokenizer reads a hub id from the local Hugging Face cache only, and says so if it is absent
-        return TokenizerConfig("hf", t["context_length"], name)
+        return TokenizerConfig("hf", t["context_length"], name, clean=clean)
     if not Path(tokenizer_dir).is_dir():
         raise CheckpointError(
             f"tokenizer_dir {str(tokenizer_dir)!r} is not a directory; expected a local copy of the "
             f"{name!r} tokenizer (its tokenizer.json and tokenizer_config.json)"
         )
-    return TokenizerConfig("hf", t["context_length"], str(Path(tokenizer_dir).resolve()))
+    return TokenizerConfig("hf", t["context_length"], str(Path(tokenizer_dir).resolve()), clean=clean)
 
 
 def config_from_open_clip(
@@ -197,6 +329,10 @@ def config_from_open_clip(
         tokenizer_dir: a local directory holding the Hugging Face tokenizer the text tower uses.
     """
     model_cfg = model_cfg.get("model_cfg", model_cfg)
+    from .convert_coca import config_from_open_clip_coca, uses_coca_parts  # it builds on this function
+
+    if uses_coca_parts(model_cfg):  # CoCa (multimodal_cfg), or its attentional pooler / class token
+        return config_from_open_clip_coca(model_cfg, name, preprocess, tokenizer_dir)
     top = resolve_fields(model_cfg, OPEN_CLIP_MODEL_FIELDS, "open_clip model_cfg")
     v = resolve_fields(top["vision_cfg"] or {}, OPEN_CLIP_VISION_FIELDS, "vision_cfg")
     t = resolve_fields(top["text_cfg"] or {}, OPEN_CLIP_TEXT_FIELDS, "text_cfg")
@@ -209,6 +345,8 @@ def config_from_open_clip(
         )
     embed_dim = top["embed_dim"]
     bias = top["init_logit_bias"]
+    # a timm tower takes no image_size argument (open_clip builds timm's architecture at its own size)
+    size = {"image_size": v["image_size"]} if v["timm_model_name"] else {}
     return ModelConfig(
         name=name,
         towers={
@@ -220,6 +358,7 @@ def config_from_open_clip(
         init_logit_bias=float(bias) if bias is not None else None,
         tokenizer=_open_clip_tokenizer(t, tokenizer_dir),
         preprocess=PreprocessConfig(
+            **size,
             **{k: list(pre[k]) for k in ("mean", "std") if pre.get(k) is not None},
             **{k: pre[k] for k in ("interpolation", "resize_mode") if k in pre},
         ),
@@ -245,7 +384,7 @@ def open_clip_model_cfg(config: ModelConfig) -> dict[str, Any]:
     image, text = config.towers["image"], config.towers["text"]
     common = {"width", "layers", "heads", "image_size", "output_dim"}
     if image.type == "vit":
-        _refuse_unexpressed(
+        refuse_unexpressed(
             image,
             common | {"patch_size", "mlp_ratio", "pool_type", "act_layer", "norm_eps", "pre_norm", "ls_init_value"},
             "open_clip",
@@ -261,14 +400,17 @@ def open_clip_model_cfg(config: ModelConfig) -> dict[str, Any]:
             patch_size=tower_arg(image, "patch_size"),
             mlp_ratio=tower_arg(image, "mlp_ratio"),
         )
-        if tower_arg(image, "pool_type") == "mean":
+        pool = tower_arg(image, "pool_type")
+        if pool not in ("cls", "mean"):
+            raise CheckpointError(f"open_clip's ViT pools with its class token or the mean, not {pool!r}")
+        if pool == "mean":
             vision["pool_type"] = "avg"
         if not tower_arg(image, "pre_norm"):
             vision["no_ln_pre"] = True
         if tower_arg(image, "patch_dropout"):
             vision["patch_dropout"] = tower_arg(image, "patch_dropout")
     else:
-        _refuse_unexpressed(image, common, "open_clip", "image")  # open_clip's ResNet: ReLU, BatchNorm, RGB
+        refuse_unexpressed(image, common, "open_clip", "image")  # open_clip's ResNet: ReLU, BatchNorm, RGB
         quick_image, width = None, tower_arg(image, "width")
         vision = {
             "image_size": tower_arg(image, "image_size"),
@@ -276,7 +418,7 @@ def open_clip_model_cfg(config: ModelConfig) -> dict[str, Any]:
             "width": width,
             "head_width": width * 32 // tower_arg(image, "heads"),
         }
-    _refuse_unexpressed(
+    refuse_unexpressed(
         text,
         common
         | {"vocab_size", "context_length", "mlp_ratio", "pool_type", "eos_token_id", "pad_token_id"}
@@ -314,28 +456,59 @@ def open_clip_model_cfg(config: ModelConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- Hugging Face
 
-_HF_ACTS = {
+HF_ACTIVATIONS = {
     "gelu": "gelu",
     "quick_gelu": "quick_gelu",
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
+# the Hugging Face name written for each polymodal activation on export
+HF_ACTIVATION_NAMES = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
-def _hf_tower(given: dict[str, Any] | None, extra: dict[str, Any] | None, table, where: str, kinds) -> dict[str, Any]:
+def hf_tower(given: dict[str, Any] | None, extra: dict[str, Any] | None, table, where: str, kinds) -> dict[str, Any]:
+    """A Hugging Face tower config (``given``, with a legacy ``extra`` dict over it) read against ``table``:
+    its fields over the defaults, after checking its ``model_type`` is one of ``kinds`` and its activation."""
     # a null value in an HF config means "the default", as transformers reads it
     merged = {k: v for k, v in {**(given or {}), **(extra or {})}.items() if v is not None}
     resolved = resolve_fields(merged, table, where)
     if "model_type" in merged and merged["model_type"] not in kinds:
         raise CheckpointError(f"{where}.model_type is {merged['model_type']!r}; expected one of {kinds}")
-    if resolved["hidden_act"] not in _HF_ACTS:
+    if resolved["hidden_act"] not in HF_ACTIVATIONS:
         raise CheckpointError(
-            f"{where}.hidden_act={resolved['hidden_act']!r} is not supported; expected one of {sorted(_HF_ACTS)}"
+            f"{where}.hidden_act={resolved['hidden_act']!r} is not supported; expected one of {sorted(HF_ACTIVATIONS)}"
         )
     return resolved
 
 
-def config_from_hf(hf: dict[str, Any], name: str = "hf-clip") -> ModelConfig:
+def hf_transformer_args(c: dict[str, Any], output_dim: int | None) -> dict[str, Any]:
+    """The encoder arguments every Hugging Face CLIP-family tower config (CLIP, SigLIP) states the same way."""
+    return {
+        "width": c["hidden_size"],
+        "layers": c["num_hidden_layers"],
+        "heads": c["num_attention_heads"],
+        "mlp_ratio": c["intermediate_size"] / c["hidden_size"],
+        "output_dim": output_dim,
+        "act_layer": HF_ACTIVATIONS[c["hidden_act"]],
+        "norm_eps": c["layer_norm_eps"],
+    }
+
+
+def hf_text_args(t: dict[str, Any], output_dim: int | None) -> dict[str, Any]:
+    """A Hugging Face text tower config as ``text_transformer`` arguments (pooling aside)."""
+    return {
+        "vocab_size": t["vocab_size"],
+        "context_length": t["max_position_embeddings"],
+        **hf_transformer_args(t, output_dim),
+    }
+
+
+def hf_vision_args(v: dict[str, Any], output_dim: int | None) -> dict[str, Any]:
+    """A Hugging Face vision tower config as ``vit`` arguments (image and patch size aside)."""
+    return {"in_chans": v["num_channels"], **hf_transformer_args(v, output_dim)}
+
+
+def config_from_hf_clip(hf: dict[str, Any], name: str = "hf-clip") -> ModelConfig:
     """Build a polymodal config from a Hugging Face ``CLIPConfig`` dict (its ``config.json``).
 
     Every field is read against ``convert_fields``; one polymodal cannot reproduce raises a
@@ -344,43 +517,22 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf-clip") -> ModelConfig:
     if hf.get("model_type") != "clip":
         raise CheckpointError(f"expected a Hugging Face CLIP config (model_type 'clip'), got {hf.get('model_type')!r}")
     top = resolve_fields({k: v for k, v in hf.items() if v is not None}, HF_MODEL_FIELDS, "Hugging Face CLIPConfig")
-    t = _hf_tower(
-        hf.get("text_config"), hf.get("text_config_dict"), HF_TEXT_FIELDS, "text_config", ("clip_text_model",)
-    )
-    v = _hf_tower(
+    t = hf_tower(hf.get("text_config"), hf.get("text_config_dict"), HF_TEXT_FIELDS, "text_config", ("clip_text_model",))
+    v = hf_tower(
         hf.get("vision_config"), hf.get("vision_config_dict"), HF_VISION_FIELDS, "vision_config", ("clip_vision_model",)
     )
     embed_dim = top["projection_dim"]
     eos = t["eos_token_id"]
     text_args = {
-        "vocab_size": t["vocab_size"],
-        "context_length": t["max_position_embeddings"],
-        "width": t["hidden_size"],
-        "layers": t["num_hidden_layers"],
-        "heads": t["num_attention_heads"],
-        "mlp_ratio": t["intermediate_size"] / t["hidden_size"],
-        "output_dim": embed_dim,
-        "act_layer": _HF_ACTS[t["hidden_act"]],
-        "norm_eps": t["layer_norm_eps"],
+        **hf_text_args(t, embed_dim),
         # HF pools at the highest id for configs written before eos_token_id was fixed (eos == 2)
         "pool_type": "argmax" if eos == 2 else "eos",
         "eos_token_id": None if eos == 2 else eos,
         "pad_token_id": t["pad_token_id"],
     }
-    _set_if_differs(text_args, "text_transformer", "attn_drop", float(t["attention_dropout"]))
-    vision_args = {
-        "image_size": v["image_size"],
-        "patch_size": v["patch_size"],
-        "in_chans": v["num_channels"],
-        "width": v["hidden_size"],
-        "layers": v["num_hidden_layers"],
-        "heads": v["num_attention_heads"],
-        "mlp_ratio": v["intermediate_size"] / v["hidden_size"],
-        "output_dim": embed_dim,
-        "act_layer": _HF_ACTS[v["hidden_act"]],
-        "norm_eps": v["layer_norm_eps"],
-    }
-    _set_if_differs(vision_args, "vit", "attn_drop", float(v["attention_dropout"]))
+    set_if_differs(text_args, "text_transformer", "attn_drop", float(t["attention_dropout"]))
+    vision_args = {"image_size": v["image_size"], "patch_size": v["patch_size"], **hf_vision_args(v, embed_dim)}
+    set_if_differs(vision_args, "vit", "attn_drop", float(v["attention_dropout"]))
     return ModelConfig(
         name=name,
         towers={
@@ -397,10 +549,10 @@ def hf_config_from(config: ModelConfig) -> dict[str, Any]:
     """The Hugging Face ``CLIPConfig`` keyword arguments equivalent to a polymodal CLIP config."""
     _require_clip_shape(config, image_types=("vit",))
     image, text = config.towers["image"], config.towers["text"]
-    inverse_acts = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+    inverse_acts = HF_ACTIVATION_NAMES
     dims = {"width", "layers", "heads", "mlp_ratio", "output_dim", "act_layer", "norm_eps"}
-    _refuse_unexpressed(image, dims | {"image_size", "patch_size", "in_chans"}, "Hugging Face CLIP", "image")
-    _refuse_unexpressed(
+    refuse_unexpressed(image, dims | {"image_size", "patch_size", "in_chans"}, "Hugging Face CLIP", "image")
+    refuse_unexpressed(
         text,
         dims | {"vocab_size", "context_length", "pool_type", "eos_token_id", "pad_token_id"},
         "Hugging Face CLIP",
@@ -473,14 +625,41 @@ def _require_clip_shape(config: ModelConfig, image_types: tuple[str, ...]) -> No
         )
 
 
-def read_hf_preprocess(directory: Path) -> PreprocessConfig | None:
-    """Mean, std and size from a Hugging Face ``preprocessor_config.json``, when the directory has one."""
+# PIL's resampling codes, as Hugging Face image processors store them
+HF_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+# files a Hugging Face tokenizer is read from: the fast tokenizer, byte-level BPE, SentencePiece (SigLIP, Gemma)
+_HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+def has_hf_tokenizer(directory: Path) -> bool:
+    """Whether a Hugging Face model directory holds its tokenizer's files."""
+    return any((directory / name).is_file() for name in _HF_TOKENIZER_FILES)
+
+
+def read_hf_preprocess(directory: Path, base: PreprocessConfig | None = None) -> PreprocessConfig | None:
+    """``base`` (default: polymodal's defaults) updated with what a Hugging Face ``preprocessor_config.json``
+    says: size, mean, std, the resampling filter, and a centre crop (``"shortest"``) or a resize to the whole
+    size (``"squash"``); ``None`` when the directory has none."""
     path = directory / "preprocessor_config.json"
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     data = data.get("image_processor", data)
-    size = data.get("crop_size") or data.get("size")
+    out = copy.deepcopy(base) if base is not None else PreprocessConfig()
+    crop = data.get("crop_size") if data.get("do_center_crop", "crop_size" in data) else None
+    size = crop or data.get("size")
+    if crop is not None:
+        out.resize_mode = "shortest"
+    elif isinstance(size, dict) and "height" in size:
+        out.resize_mode = "squash"
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge")
-    return PreprocessConfig(image_size=size, mean=data.get("image_mean"), std=data.get("image_std"))
+    if size is not None:
+        out.image_size = size
+    for name, key in (("mean", "image_mean"), ("std", "image_std")):
+        if data.get(key) is not None:
+            setattr(out, name, list(data[key]))
+    resample = {code: name for name, code in HF_RESAMPLE.items()}.get(data.get("resample"))
+    if resample is not None:
+        out.interpolation = resample
+    return out

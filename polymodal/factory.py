@@ -16,6 +16,7 @@ from polymodal.encoders import AudioPreprocess, CLIPTokenizer, HFTokenizer, imag
 from polymodal.errors import ConfigError, InputError
 
 from .config import ModelConfig
+from .hub import ModelNotFoundError, hub_repo_of
 from .resolver import apply_overrides, load_pretrained, parse_reference, resolve_model
 
 __all__ = [
@@ -54,10 +55,14 @@ def create_model(
 def from_pretrained(path: str | os.PathLike, device=None, dtype=None) -> nn.Module:
     """Load a saved model directory: polymodal (``save_pretrained``), Hugging Face CLIP or open_clip
     (``open_clip_config.json`` with its weights), or a training run directory (``polymodal train``'s
-    ``run_dir``: its newest complete checkpoint). ``path`` is always a path, never a registered name."""
+    ``run_dir``: its newest complete checkpoint); or a Hugging Face repo id (``"ORG/NAME"``,
+    ``"hf-hub:ORG/NAME"``) from the local Hugging Face cache (``polymodal.hub``). ``path`` is never a
+    registered name."""
+    if hub_repo_of(path) is not None:
+        return resolve_model(path, device=device, dtype=dtype)
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
+        raise ModelNotFoundError(f"{str(path)!r} does not exist; expected a saved model directory or a hub repo id")
     return resolve_model(path, device=device, dtype=dtype)
 
 
@@ -75,6 +80,12 @@ def get_tokenizer(model_or_name: nn.Module | ModelConfig | str | os.PathLike, co
     config = _config_of(model_or_name)
     tok = config.tokenizer
     if tok is None:
+        if "text" in config.towers:
+            raise InputError(
+                f"model {config.name!r} has a text tower but no tokenizer config (e.g. a Hugging Face SigLIP "
+                "directory without tokenizer files); add its tokenizer's files to the directory, or set "
+                "config.tokenizer = TokenizerConfig('hf', path=DIR)"
+            )
         raise InputError(f"model {config.name!r} has no text tower, so no tokenizer")
     if context_length is None:
         context_length = config.input_spec("text").context_length if "text" in config.towers else tok.context_length
@@ -82,7 +93,7 @@ def get_tokenizer(model_or_name: nn.Module | ModelConfig | str | os.PathLike, co
     if tok.type == "clip":
         return CLIPTokenizer(**length)
     if tok.type == "hf":
-        return HFTokenizer(tok.path, **length)
+        return HFTokenizer(tok.path, clean=tok.clean, **length)
     raise ConfigError(f"unknown tokenizer type {tok.type!r}; expected 'clip' or 'hf'")
 
 

@@ -6,9 +6,14 @@ A reference is one of:
 - a registered name (``list_models()``), e.g. ``"clip-vit-tiny"``;
 - a directory: a saved polymodal model (``save_pretrained``) or training checkpoint, a training
   run directory (``polymodal train``'s ``run_dir``: its newest complete checkpoint), a Hugging Face
-  CLIP directory (``config.json`` with ``model_type: clip``), or an open_clip directory
-  (``open_clip_config.json`` beside its weights);
-- an ``open_clip_config.json`` file (its directory is the model).
+  directory (``config.json`` with ``model_type`` ``clip``, ``siglip`` or ``siglip2``), or an open_clip
+  directory (``open_clip_config.json`` beside its weights: CLIP, timm or Hugging Face towers, CoCa);
+- an ``open_clip_config.json`` file (its directory is the model);
+- a Hugging Face hub repo id, ``"hf-hub:ORG/NAME"`` (or a bare ``"ORG/NAME"`` that is not an existing
+  path): its snapshot in the local Hugging Face cache (``polymodal.hub``), read as a directory.
+
+``pretrained=`` may also be an open_clip pretrained tag for a registered open_clip architecture
+(``create_model("clip-vit-b-32", pretrained="laion2b_s34b_b79k")``), found in the same cache.
 
 **A registered name always means the registry**, even when the current directory holds a folder of
 the same name: what ``create_model("clip-vit-tiny")`` builds must not depend on where it runs. To
@@ -19,6 +24,7 @@ A string that is not a registered name is a path.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
@@ -43,14 +49,17 @@ from .checkpoint import (
 )
 from .config import ENCODER_TYPES, ModelConfig, TokenizerConfig, model_config_from_file, read_json_mapping
 from .convert import (
+    HF_MODEL_TYPES,
     config_from_hf,
     config_from_open_clip,
+    has_hf_tokenizer,
     hf_to_polymodal,
     looks_like_hf_clip,
     looks_like_open_clip,
     open_clip_to_polymodal,
     read_hf_preprocess,
 )
+from .hub import HUB_PREFIX, ModelNotFoundError, hub_repo_of, open_clip_pretrained, snapshot_of
 from .model import build_model
 from .registry import get_model_config, list_models
 
@@ -65,7 +74,7 @@ __all__ = [
     "resolve_model",
 ]
 
-REFERENCE_KINDS = ("config", "registered", "polymodal", "run", "hf_clip", "open_clip")
+REFERENCE_KINDS = ("config", "registered", "polymodal", "run", "hf", "open_clip")
 
 FOREIGN_WEIGHTS = (
     "pytorch_model.bin",
@@ -85,12 +94,14 @@ class ModelReference:
         directory: where the weights are (``None`` for a registered name or a config); for a
             training run, its newest complete checkpoint.
         source: the reference as given, for messages.
+        hub_repo: the Hugging Face repo id when the directory is a snapshot in the local hub cache.
     """
 
     kind: str
     config: ModelConfig
     directory: Path | None
     source: str
+    hub_repo: str | None = None
 
     @property
     def has_weights(self) -> bool:
@@ -144,7 +155,10 @@ def parse_reference(ref: str | os.PathLike | ModelConfig | ModelReference) -> Mo
     path = locate_model(ref)
     if is_run_directory(ref):
         return ModelReference("run", model_config_from_file(path / CONFIG_NAME), path, str(ref))
-    return _read_directory(path, str(ref))
+    reference = _read_directory(path, str(ref))
+    if hub_repo_of(ref) is not None:
+        reference = dataclasses.replace(reference, hub_repo=hub_repo_of(ref))
+    return reference
 
 
 def locate_model(ref: str | os.PathLike) -> Path | str:
@@ -158,13 +172,15 @@ def locate_model(ref: str | os.PathLike) -> Path | str:
     """
     if isinstance(ref, str) and ref in list_models():
         return ref
+    if hub_repo_of(ref) is not None:
+        return snapshot_of(ref, not_a_path=not str(ref).startswith(HUB_PREFIX))
     path = Path(ref)
     if not path.exists():
         if isinstance(ref, str) and not _spelled_as_path(ref):
-            raise InputError(
+            raise ModelNotFoundError(
                 f"unknown model {ref!r}; registered models are {list_models()} (and no directory of that name exists)"
             )
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{str(ref)!r} does not exist; expected a saved model or training run directory, a Hugging Face "
             "CLIP directory or an open_clip directory"
         )
@@ -203,17 +219,18 @@ def _read_directory(path: Path, source: str) -> ModelReference:
     data = read_json_mapping(config_path)
     if data.get("format") == FORMAT_NAME:
         return ModelReference("polymodal", model_config_from_file(config_path, data), path, source)
-    if data.get("model_type") == "clip":
+    if data.get("model_type") in HF_MODEL_TYPES:
         config = config_from_hf(data, name=path.name)
-        preprocess = read_hf_preprocess(path)
+        preprocess = read_hf_preprocess(path, config.preprocess)
         if preprocess is not None:
             config.preprocess = preprocess
-        if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
-            config.tokenizer = TokenizerConfig("hf", config.tokenizer.context_length, str(path.resolve()))
-        return ModelReference("hf_clip", config, path, source)
+        if has_hf_tokenizer(path):
+            length = config.input_spec("text").context_length
+            config.tokenizer = TokenizerConfig("hf", length, str(path.resolve()))
+        return ModelReference("hf", config, path, source)
     raise CheckpointError(
         f"{str(config_path)!r} is neither a polymodal config (format '{FORMAT_NAME}') nor a "
-        f"Hugging Face CLIP config (model_type 'clip'); got model_type {data.get('model_type')!r}"
+        f"Hugging Face config of model_type {' / '.join(HF_MODEL_TYPES)}; got model_type {data.get('model_type')!r}"
     )
 
 
@@ -250,11 +267,42 @@ def build_reference(
     """The model of a parsed ``reference`` with the ``weights`` its ``check_weights`` returned (``None``:
     random), loaded strictly. For callers that checked the weights themselves, with their own wording;
     ``resolve_model`` is parse, check, build."""
+    source = _describe_source(reference, weights)
+    if reference.kind == "registered" and _is_tag(weights):
+        tag = open_clip_pretrained(reference.source, str(weights))
+        weights, source = tag.path, tag.source
+        overrides = {**tag.overrides, **overrides}
+        if "preprocess" in tag.overrides and "preprocess" not in overrides:
+            overrides["preprocess"] = {**reference.config.preprocess.__dict__, **tag.overrides["preprocess"]}
     config = apply_overrides(reference.config, overrides)  # a copy even without overrides: the model owns it
     model = build_model(config, device=device)
     if weights is not None:
         load_pretrained(model, weights)
+    model.weights_source = source  # for the model card save_pretrained writes
     return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _is_tag(weights: object) -> bool:
+    """A ``pretrained=`` string that names no file and is spelled as no path: an open_clip tag."""
+    return isinstance(weights, str) and not Path(weights).exists() and not _spelled_as_path(weights)
+
+
+def _describe_source(reference: ModelReference, weights: str | os.PathLike | None) -> str:
+    """Where a model's weights come from, in words, for its model card."""
+    if weights is None:
+        return "random initialisation (no pretrained weights were loaded)"
+    if reference.has_weights:
+        kinds = {
+            "polymodal": "a polymodal model directory",
+            "run": "a polymodal training run's checkpoint",
+            "hf": "a Hugging Face directory",
+            "open_clip": "an open_clip directory",
+        }
+        where = kinds.get(reference.kind, "a directory")
+        if reference.hub_repo is not None:
+            return f"{where} from the local Hugging Face hub cache, {HUB_PREFIX}{reference.hub_repo} ({weights})"
+        return f"{where}: {weights}"
+    return f"weights file {weights}"
 
 
 def apply_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
@@ -302,7 +350,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
         path = weights
     state = read_state_dict(path)
     if looks_like_hf_clip(state):
-        state = hf_to_polymodal(state)
+        state = hf_to_polymodal(state, model.config)
     elif looks_like_open_clip(state):
         if model.config is None or "image" not in model.config.towers:
             raise CheckpointError(f"{str(path)!r} is an open_clip CLIP checkpoint, which needs an image-text model")

@@ -2,10 +2,19 @@
 retrieval metrics, held-out evaluation (one dataset-embedding loop), captioning, explanations and plots."""
 
 from .attention_maps import attention_rollout, gradient_rollout
+from .benchmark import (
+    BENCHMARK_TASKS,
+    BenchmarkResult,
+    format_benchmark,
+    linear_probe_benchmark,
+    retrieval_benchmark,
+    zero_shot_benchmark,
+)
 from .captioning import (
     CaptionDecoder,
     CaptionOutput,
     ImageCaptioner,
+    MultimodalTextDecoder,
     beam_search,
     caption_loss,
     cider_d,
@@ -102,7 +111,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "AUDIO_TEMPLATES",
+    "BENCHMARK_TASKS",
     "BatchLabels",
+    "BenchmarkResult",
     "CaptionDecoder",
     "CaptionOutput",
     "ClassificationHead",
@@ -117,6 +128,7 @@ __all__ = [
     "ImageCaptioner",
     "IndexMismatchError",
     "LinearProbe",
+    "MultimodalTextDecoder",
     "PointingScore",
     "RetrievalExamples",
     "SIMPLE_IMAGE_TEMPLATES",
@@ -149,6 +161,7 @@ __all__ = [
     "explanation_methods",
     "extract_features",
     "fit_linear_probe",
+    "format_benchmark",
     "format_metrics",
     "generate",
     "get_templates",
@@ -157,6 +170,7 @@ __all__ = [
     "image_text_retrieval_metrics",
     "input_spectrogram",
     "label_indices",
+    "linear_probe_benchmark",
     "meta_label_fn",
     "model_identity",
     "model_logits",
@@ -172,6 +186,7 @@ __all__ = [
     "pointing_hits",
     "recall_at_k",
     "resolve_method",
+    "retrieval_benchmark",
     "retrieval_grid_figure",
     "retrieval_metrics",
     "retrieval_ranks",
@@ -179,5 +194,6 @@ __all__ = [
     "sample",
     "split_validation",
     "zero_shot_accuracy",
+    "zero_shot_benchmark",
     "zero_shot_on_labels",
 ]

@@ -64,6 +64,7 @@ def pointing_game(
     batch_size: int = 64,
     modality: str = "image",
     shifts: int = 1,
+    upscale: float = 1.0,
 ) -> dict[str, PointingScore]:
     """Play the pointing game with each explanation method (``explain``) on ``images``.
 
@@ -77,6 +78,7 @@ def pointing_game(
         batch_size: images explained at once.
         modality: the tower the images are for.
         shifts: passed to ``explain``: average over shifted copies for finer ViT maps.
+        upscale: passed to ``explain``: explain the images resized by this factor, for finer maps.
 
     Returns:
         A ``PointingScore`` per method, in the order given.
@@ -95,7 +97,14 @@ def pointing_game(
         for start in range(0, len(images), batch_size):
             stop = start + batch_size
             maps = explain(
-                model, modality, images[start:stop], list(texts[start:stop]), tokenizer, method, shifts=shifts
+                model,
+                modality,
+                images[start:stop],
+                list(texts[start:stop]),
+                tokenizer,
+                method,
+                shifts=shifts,
+                upscale=upscale,
             )
             hits += int(pointing_hits(maps, masks[start:stop]).sum())
         scores[method] = PointingScore(hits, len(images), baseline)

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test of a module that imports this on one thread: on a busy 2-core machine two threads wait on
+    each other, and the many small ops of a tiny model take several times longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def assert_all_params_get_grad(module: nn.Module, loss: torch.Tensor) -> None:
@@ -100,3 +114,31 @@ def tiny_contrastive(name: str, towers: dict) -> nn.Module:
     config["towers"]["text"]["args"].update(width=32, layers=1, heads=2, output_dim=16)
     torch.manual_seed(0)
     return build_model(ModelConfig.from_dict({**config, "embed_dim": 16, "name": f"tiny-{name}"})).eval()
+
+
+# the commit every cached repo of the tests is at
+CACHE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cache_repo(cache: Path, repo: str, source: Path, commit: str = CACHE_COMMIT, link: Path | None = None) -> Path:
+    """Put every file of ``source`` into ``cache`` as the ``main`` revision of ``repo``, as ``hf download`` does:
+    content-addressed blobs, a snapshot folder of relative symlinks to them, and ``refs/main``. With ``link``
+    (another cached repo folder), blobs of equal content are hard links to its blobs, to save disk."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        blob = root / "blobs" / digest
+        if link is not None and (link / "blobs" / digest).is_file():
+            os.link(link / "blobs" / digest, blob)
+        else:
+            blob.write_bytes(data)
+        target = snapshot / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(os.path.relpath(blob, target.parent))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return root

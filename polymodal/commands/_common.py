@@ -41,13 +41,15 @@ def pick_device(name: str | None) -> torch.device:
 
 def load_model(spec: str, device: torch.device, pretrained: str | None = None) -> nn.Module:
     """The model ``--model`` names (``polymodal.resolver``: a saved model, training run, Hugging Face
-    CLIP or open_clip directory, or a registered name with ``pretrained`` weights), in eval mode on ``device``;
+    CLIP or open_clip directory, a hub repo id from the local cache, or a registered name with ``pretrained``
+    weights or an open_clip tag), in eval mode on ``device``;
     or a folder written by ``polymodal export``, as a ``DeployedModel`` (on the CPU).
 
     A bare registered name without weights is refused: its random weights would give meaningless
     predictions that look like real ones.
     """
     from polymodal.deploy import MANIFEST, DeployedModel
+    from polymodal.hub import hub_repo_of
     from polymodal.resolver import build_reference, parse_reference
 
     if (Path(spec) / MANIFEST).is_file():  # a folder written by `polymodal export`: run its files
@@ -59,7 +61,9 @@ def load_model(spec: str, device: torch.device, pretrained: str | None = None) -
     )
     try:
         reference = parse_reference(spec)
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if hub_repo_of(spec) is not None:  # the hub error says where it looked in the cache
+            raise CommandError(f"--model {spec}: {err}") from None
         raise missing from None
     except CheckpointError:
         if Path(spec).is_file():

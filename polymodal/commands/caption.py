@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             f"--model {args.model} is a {kind} model without a caption decoder; captioning needs a captioner "
             "(model kind 'captioner'), e.g. one trained with 'polymodal train configs/caption.yaml'"
         )
-    limit = model.decoder.context_length - 1
+    limit = model.caption_decoder.context_length - 1
     if options["max_length"] is not None and options["max_length"] > limit:
         raise CommandError(f"--max-length {options['max_length']} is beyond this decoder's limit of {limit} tokens")
     tokenizer = get_tokenizer(model)

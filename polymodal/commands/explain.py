@@ -50,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="K",
         help="ViT maps: average over K x K copies shifted by 1/K of a patch, for finer maps (default 1)",
     )
+    p.add_argument(
+        "--upscale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="images: explain them resized by F (1 to 8), for finer maps at the image's size (default 1)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and the summary")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("--batch-size", type=int, default=16)
@@ -68,11 +75,14 @@ def _modality_of(path: Path) -> str:
     raise CommandError(f"{path} is neither an image nor a sound file by its name; expected one of {kinds}")
 
 
-def _methods(model, modalities: set[str], requested: str | None, shifts: int) -> dict[str, str]:
+def _methods(model, modalities: set[str], requested: str | None, shifts: int, upscale: float) -> dict[str, str]:
     """The method for each input modality, checked against the model's towers before anything runs."""
     from polymodal.tasks import resolve_method
 
-    return {modality: resolve_method(model, modality, requested, shifts) for modality in sorted(modalities)}
+    return {
+        modality: resolve_method(model, modality, requested, shifts, upscale if modality == "image" else 1.0)
+        for modality in sorted(modalities)
+    }
 
 
 def _targets(files: list[Path], out: Path, overwrite: bool) -> list[Path]:
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     files = collect_files(args.inputs, (*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS), what="image or sound")
     modalities = [_modality_of(path) for path in files]
     model = load_model(args.model, pick_device(args.device), args.pretrained)
-    methods = _methods(model, set(modalities), args.method, args.shifts)
+    methods = _methods(model, set(modalities), args.method, args.shifts, args.upscale)
     out = Path(args.out)
     targets = _targets(files, out, args.overwrite)
     tokenizer = get_tokenizer(model)
@@ -114,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
             chunk = indices[start : start + args.batch_size]
             paths = [files[i] for i in chunk]
             inputs = load_images(paths, transform) if modality == "image" else load_audio_clips(paths, model)
-            maps = explain(model, modality, inputs, args.text, tokenizer, method, shifts=args.shifts)
+            upscale = args.upscale if modality == "image" else 1.0  # sounds are explained as they are
+            maps = explain(model, modality, inputs, args.text, tokenizer, method, shifts=args.shifts, upscale=upscale)
             backgrounds = inputs if modality == "image" else input_spectrogram(model, inputs, modality)
             for i, explanation, background in zip(chunk, maps, backgrounds):
                 title = f"{method}: {args.text}"

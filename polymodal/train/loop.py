@@ -118,6 +118,9 @@ class Trainer:
 
         self.task = get_task(cfg.task)(cfg)
         self.model = self.task.build_model(self.device)
+        saved = self.task.adapted_model(self.model)  # what the run's checkpoints hold, with its model card
+        started = getattr(saved, "weights_source", None) or "random initialisation"
+        saved.weights_source = f"trained with `polymodal train` into {cfg.run_dir}, starting from {started}"
         self.data: RunData = self.task.build_data(self.model)
         resume_from = ckpt.resolve_resume(self.run_dir, cfg.resume)
         if resume_from is not None:

@@ -234,11 +234,12 @@ class CaptionTask(TrainTask):
                     continue
                 batch = batch.to(device)
                 image_tokens = model.image_tokens(batch.inputs["image"])
-                logits, targets = model.decoder.teacher_forcing(batch.inputs["text"], image_tokens)
+                logits, targets = model.teacher_forcing(batch.inputs["text"], image_tokens)
                 loss_sum += float(caption_loss(logits, targets)) * targets.numel()
                 tokens += targets.numel()
-                greedy = greedy_search(model.decoder, image_tokens, a["max_length"])
-                beams = beam_search(model.decoder, image_tokens, a["num_beams"], a["max_length"], a["length_penalty"])
+                decoder = model.caption_decoder
+                greedy = greedy_search(decoder, image_tokens, a["max_length"])
+                beams = beam_search(decoder, image_tokens, a["num_beams"], a["max_length"], a["length_penalty"])
                 generated["greedy"] += self.tokenizer.batch_decode(greedy.cpu())
                 generated[beam_name] += self.tokenizer.batch_decode(beams.tokens.cpu())
                 meta.extend(batch.meta)

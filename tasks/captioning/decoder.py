@@ -319,10 +319,7 @@ class CaptionDecoder(nn.Module):
                 f"captions need at least 2 tokens (start-of-text and one more), got shape {tuple(text.shape)}"
             )
         keep = caption_target_mask(text, self.eos_token_id, self.pad_token_id)  # (B, L - 1)
-        # causal attention: positions after the batch's last kept target cannot change the kept ones
-        used = keep.shape[1]
-        if not torch.compiler.is_compiling() and bool(keep.any()):
-            used = int(keep.any(dim=0).nonzero().max()) + 1
+        used = used_target_length(keep)
         keep = keep[:, :used]
         targets = text[:, 1 : used + 1][keep]
         self._check_in_vocabulary(targets)
@@ -363,6 +360,14 @@ def caption_target_mask(text: torch.Tensor, eos_token_id: int, pad_token_id: int
     before_eos = (is_eos.cumsum(dim=1) - is_eos.long()) == 0  # no end-of-text strictly before
     has_eos = is_eos.any(dim=1, keepdim=True)
     return before_eos & (has_eos | (targets != pad_token_id))
+
+
+def used_target_length(keep: torch.Tensor) -> int:
+    """How many leading positions of a ``caption_target_mask`` ``keep (B, L - 1)`` a causal decoder must run: up to
+    the batch's last kept target, as later positions cannot change the kept ones (all of them when compiling)."""
+    if torch.compiler.is_compiling() or not bool(keep.any()):
+        return keep.shape[1]
+    return int(keep.any(dim=0).nonzero().max()) + 1
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

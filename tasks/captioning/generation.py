@@ -1,10 +1,19 @@
 """Caption generation: greedy decoding, beam search, and top-k / top-p sampling, batched.
 
-Every function takes a ``CaptionDecoder`` and image tokens ``(B, N, memory_dim)`` and returns the
+Every function takes a ``CaptionDecoder`` (or a ``TextTowerDecoder``, CoCa's text tower and multimodal
+decoder, which offers the same interface) and image tokens ``(B, N, memory_dim)`` and returns the
 generated ids after the start-of-text token: ``(B, T)``, each row ending at its end-of-text token
 and padded after it, ``T`` at most ``max_length``. With ``use_cache=True`` (the default) each step
 feeds one token through the decoder's key/value cache; ``use_cache=False`` re-reads the whole prefix
 every step, which gives the same tokens much more slowly and is kept as a reference.
+
+Two length rules are optional: ``min_length`` keeps end-of-text from coming before a caption has that
+many tokens (end-of-text included), and ``eos_at_max_length`` ends a caption that reaches
+``max_length`` with end-of-text as its last token instead of cutting it there. With
+``max_length = seq_len - 1``, ``min_length = min_seq_len`` and ``eos_at_max_length=True``, greedy
+search follows the stopping rules of open_clip's ``CoCa.generate`` (``generation_type="top_k"``,
+``top_k=1``), but for one: open_clip also ends a caption that emits the padding id (0, the CLIP
+tokenizer's "!"), where these functions keep going.
 """
 
 from __future__ import annotations
@@ -14,6 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from .decoder import CaptionDecoder
+from .multimodal_decoder import TextTowerDecoder
+
+# what the searches drive: a decoder over token ids, or CoCa's text tower and multimodal decoder together
+Decoder = CaptionDecoder | TextTowerDecoder
 
 
 @dataclass
@@ -36,7 +49,7 @@ class BeamSearchOutput:
 class _Stepper:
     """Next-token logits of running sequences, through the key/value cache or by re-reading each prefix."""
 
-    def __init__(self, decoder: CaptionDecoder, image_tokens: torch.Tensor, use_cache: bool) -> None:
+    def __init__(self, decoder: Decoder, image_tokens: torch.Tensor, use_cache: bool) -> None:
         self.decoder = decoder
         self.image_tokens = image_tokens
         self.cache = decoder.init_cache(image_tokens) if use_cache else None
@@ -56,7 +69,7 @@ class _Stepper:
             self.cache.reorder(index)
 
 
-def _check_max_length(decoder: CaptionDecoder, max_length: int | None) -> int:
+def _check_max_length(decoder: Decoder, max_length: int | None) -> int:
     limit = decoder.context_length - 1  # the start token takes one position
     if max_length is None:
         return limit
@@ -68,21 +81,53 @@ def _check_max_length(decoder: CaptionDecoder, max_length: int | None) -> int:
     return max_length
 
 
-def _start(decoder: CaptionDecoder, image_tokens: torch.Tensor, rows: int) -> torch.Tensor:
+@dataclass
+class _LengthRules:
+    """When end-of-text may come (not before ``min_length`` tokens) and must (at ``max_length``, if forced)."""
+
+    eos_column: int
+    max_length: int
+    min_length: int
+    eos_at_max_length: bool
+
+    def apply(self, logits: torch.Tensor, t: int) -> torch.Tensor:
+        """``logits (R, V)`` of the ``t``-th generated token (from 0) with the rules applied."""
+        if t + 1 < self.min_length:
+            logits = logits.clone()
+            logits[:, self.eos_column] = float("-inf")
+        elif self.eos_at_max_length and t == self.max_length - 1:
+            forced = torch.full_like(logits, float("-inf"))
+            forced[:, self.eos_column] = logits[:, self.eos_column]
+            logits = forced
+        return logits
+
+
+def _length_rules(
+    decoder: Decoder, max_length: int, min_length: int, eos_at_max_length: bool, device: torch.device
+) -> _LengthRules:
+    if isinstance(min_length, bool) or not isinstance(min_length, int) or not 0 <= min_length <= max_length:
+        raise ValueError(
+            f"min_length must be an integer in [0, {max_length}] (max_length), end-of-text included; got {min_length!r}"
+        )
+    eos_column = int(decoder.to_columns(torch.tensor([decoder.eos_token_id], device=device))[0])
+    return _LengthRules(eos_column, max_length, min_length, bool(eos_at_max_length))
+
+
+def _start(decoder: Decoder, image_tokens: torch.Tensor, rows: int) -> torch.Tensor:
     decoder._check_memory(image_tokens)
     return torch.full((rows, 1), decoder.bos_token_id, dtype=torch.long, device=image_tokens.device)
 
 
-def _autoregress(decoder, image_tokens, max_length, choose, use_cache) -> torch.Tensor:
+def _autoregress(decoder, image_tokens, rules: _LengthRules, choose, use_cache) -> torch.Tensor:
     """Extend every row one chosen token at a time; rows that emit end-of-text leave the batch."""
-    B = image_tokens.shape[0]
+    B, max_length = image_tokens.shape[0], rules.max_length
     seqs = _start(decoder, image_tokens, B)
     out = torch.full((B, max_length), decoder.pad_token_id, dtype=torch.long, device=image_tokens.device)
     stepper = _Stepper(decoder, image_tokens, use_cache)
     rows = torch.arange(B, device=image_tokens.device)
     steps = 0
     for t in range(max_length):
-        token = decoder.to_ids(choose(stepper.next_logits(seqs)))  # (R,)
+        token = decoder.to_ids(choose(rules.apply(stepper.next_logits(seqs), t)))  # (R,)
         out[rows, t] = token
         seqs = torch.cat([seqs, token[:, None]], dim=1)  # (R, t + 2)
         steps = t + 1
@@ -98,7 +143,12 @@ def _autoregress(decoder, image_tokens, max_length, choose, use_cache) -> torch.
 
 @torch.no_grad()
 def greedy_search(
-    decoder: CaptionDecoder, image_tokens: torch.Tensor, max_length: int | None = None, use_cache: bool = True
+    decoder: Decoder,
+    image_tokens: torch.Tensor,
+    max_length: int | None = None,
+    use_cache: bool = True,
+    min_length: int = 0,
+    eos_at_max_length: bool = False,
 ) -> torch.Tensor:
     """The most likely token at every step; returns ``(B, T)`` ids (see the module docstring).
 
@@ -108,9 +158,12 @@ def greedy_search(
         max_length: most tokens to generate per caption, end-of-text included
             (default: as many as the decoder's positions allow).
         use_cache: feed one token per step through the key/value cache.
+        min_length: fewest tokens per caption, end-of-text included; end-of-text is not chosen before.
+        eos_at_max_length: a caption that reaches ``max_length`` ends with end-of-text there.
     """
     max_length = _check_max_length(decoder, max_length)
-    return _autoregress(decoder, image_tokens, max_length, lambda logits: logits.argmax(dim=-1), use_cache)
+    rules = _length_rules(decoder, max_length, min_length, eos_at_max_length, image_tokens.device)
+    return _autoregress(decoder, image_tokens, rules, lambda logits: logits.argmax(dim=-1), use_cache)
 
 
 def filter_logits(
@@ -144,7 +197,7 @@ def filter_logits(
 
 @torch.no_grad()
 def sample(
-    decoder: CaptionDecoder,
+    decoder: Decoder,
     image_tokens: torch.Tensor,
     max_length: int | None = None,
     temperature: float = 1.0,
@@ -152,6 +205,8 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    min_length: int = 0,
+    eos_at_max_length: bool = False,
 ) -> torch.Tensor:
     """Draw each token from the (temperature-scaled, top-k / top-p filtered) distribution; ``(B, T)`` ids.
 
@@ -164,15 +219,18 @@ def sample(
         top_p: sample only among the most likely tokens that together hold ``top_p`` of the probability.
         generator: random generator for reproducible draws (on the device of ``image_tokens``).
         use_cache: feed one token per step through the key/value cache.
+        min_length: fewest tokens per caption, end-of-text included; end-of-text is not drawn before.
+        eos_at_max_length: a caption that reaches ``max_length`` ends with end-of-text there.
     """
     max_length = _check_max_length(decoder, max_length)
     filter_logits(torch.zeros(1, 2), temperature, top_k, top_p)  # reject bad options before any work
+    rules = _length_rules(decoder, max_length, min_length, eos_at_max_length, image_tokens.device)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _autoregress(decoder, image_tokens, max_length, choose, use_cache)
+    return _autoregress(decoder, image_tokens, rules, choose, use_cache)
 
 
 def _length_norm(length: int | torch.Tensor, alpha: float):
@@ -181,12 +239,14 @@ def _length_norm(length: int | torch.Tensor, alpha: float):
 
 @torch.no_grad()
 def beam_search(
-    decoder: CaptionDecoder,
+    decoder: Decoder,
     image_tokens: torch.Tensor,
     num_beams: int = 3,
     max_length: int | None = None,
     length_penalty: float = 1.0,
     use_cache: bool = True,
+    min_length: int = 0,
+    eos_at_max_length: bool = False,
 ) -> BeamSearchOutput:
     """Beam search, batched over images, ranking hypotheses by ``log p / length ** length_penalty``.
 
@@ -204,10 +264,13 @@ def beam_search(
         length_penalty: exponent ``alpha`` of the length normalisation; 0 ranks by total
             log-probability (favouring short captions), larger values favour longer ones.
         use_cache: feed one token per step through the key/value cache.
+        min_length: fewest tokens per caption, end-of-text included; no hypothesis ends before.
+        eos_at_max_length: hypotheses that reach ``max_length`` end with end-of-text there.
     """
     max_length = _check_max_length(decoder, max_length)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+    rules = _length_rules(decoder, max_length, min_length, eos_at_max_length, image_tokens.device)
     K, V = num_beams, decoder.num_tokens
     B = image_tokens.shape[0]
     device = image_tokens.device
@@ -223,7 +286,7 @@ def beam_search(
     offsets = (torch.arange(B, device=device) * K)[:, None]  # (B, 1)
 
     for t in range(max_length):
-        logp = stepper.next_logits(seqs).log_softmax(dim=-1).view(B, K, V)
+        logp = rules.apply(stepper.next_logits(seqs).log_softmax(dim=-1), t).view(B, K, V)
         cand = running[:, :, None] + logp  # (B, K, V)
         top_scores, top_idx = cand.view(B, K * V).topk(2 * K, dim=-1)  # (B, 2K)
         parent, token = top_idx // V, decoder.to_ids(top_idx % V)
@@ -280,7 +343,7 @@ def _used_length(tokens: torch.Tensor, eos: int, max_length: int) -> int:
 
 @torch.no_grad()
 def generate(
-    decoder: CaptionDecoder,
+    decoder: Decoder,
     image_tokens: torch.Tensor,
     max_length: int | None = None,
     num_beams: int = 1,
@@ -291,6 +354,8 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    min_length: int = 0,
+    eos_at_max_length: bool = False,
 ) -> torch.Tensor:
     """Generate caption ids ``(B, T)``: greedy (the default), beam search (``num_beams > 1``) or sampling.
 
@@ -306,15 +371,20 @@ def generate(
         top_p: sample among the most likely tokens holding ``top_p`` of the probability.
         generator: random generator for sampling.
         use_cache: feed one token per step through the key/value cache.
+        min_length: fewest tokens per caption, end-of-text included.
+        eos_at_max_length: a caption that reaches ``max_length`` ends with end-of-text there.
     """
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+    length_rules = (min_length, eos_at_max_length)
     if do_sample:
         if num_beams > 1:
             raise ValueError("choose beam search (num_beams > 1) or sampling (do_sample=True), not both")
-        return sample(decoder, image_tokens, max_length, temperature, top_k, top_p, generator, use_cache)
+        return sample(decoder, image_tokens, max_length, temperature, top_k, top_p, generator, use_cache, *length_rules)
     if top_k is not None or top_p is not None or temperature != 1.0:
         raise ValueError("temperature, top_k and top_p apply to sampling only; pass do_sample=True")
     if num_beams > 1:
-        return beam_search(decoder, image_tokens, num_beams, max_length, length_penalty, use_cache).tokens
-    return greedy_search(decoder, image_tokens, max_length, use_cache)
+        return beam_search(
+            decoder, image_tokens, num_beams, max_length, length_penalty, use_cache, *length_rules
+        ).tokens
+    return greedy_search(decoder, image_tokens, max_length, use_cache, *length_rules)

@@ -21,7 +21,7 @@ def test_save_pretrained_round_trip_is_exact(tmp_path, name):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     again = from_pretrained(tmp_path / "m").eval()
     assert again.config == model.config
     a, b = model.state_dict(), again.state_dict()

@@ -101,8 +101,25 @@ def test_bad_requests_are_one_line_errors(models, data, tmp_path, capsys):
         "rollout cannot explain this model's image tower, a ResNetEncoder; it takes gradcam or saliency",
     )
     cli_fails(["explain", *resnet, image, "--text", "a", "--shifts", "2", *out], capsys, "shifts refine a ViT")
+    cli_fails(["explain", *vit, image, "--text", "a", "--upscale", "0.5", *out], capsys, "upscale must be a number")
     (tmp_path / "notes.txt").write_text("not an image")
     cli_fails(
         ["explain", *vit, str(tmp_path / "notes.txt"), "--text", "a", *out], capsys, "neither an image nor a sound"
     )
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_upscale_and_shifts_reach_the_maps(models, data, tmp_path, capsys):
+    images = data / "shapes" / "images"
+    args = ["explain", "--model", str(models / "vit"), str(images), "--text", "a blue square", "--json"]
+    code, out, _ = cli_run(
+        [*args, "--method", "grad_rollout", "--upscale", "1.5", "--shifts", "2", "--out", str(tmp_path / "o")], capsys
+    )
+    assert code == 0
+    summary = json.loads(out)
+    model = from_pretrained(models / "vit").eval()
+    files = sorted(images.glob("*.png"))
+    x = torch.stack([get_preprocess(model, "image")(decode_image(f)) for f in files])
+    maps = explain(model, "image", x, "a blue square", get_tokenizer(model), "grad_rollout", shifts=2, upscale=1.5)
+    for row, m in zip(summary["results"], maps):
+        assert row["shape"] == [32, 32] and row["peak"] == list(divmod(int(m.flatten().argmax()), 32))

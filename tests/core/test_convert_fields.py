@@ -8,10 +8,21 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from open_clip.coca_model import MultimodalCfg
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers import (
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    Siglip2Config,
+    Siglip2TextConfig,
+    Siglip2VisionConfig,
+    SiglipConfig,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+)
 
 from polymodal import export_model, from_pretrained
 from polymodal.checkpoint import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, CheckpointError
@@ -23,10 +34,15 @@ from polymodal.convert_fields import (
     IGNORE,
     MAP,
     OPEN_CLIP_MODEL_FIELDS,
+    OPEN_CLIP_MULTIMODAL_FIELDS,
     OPEN_CLIP_PREPROCESS_FIELDS,
     OPEN_CLIP_TEXT_FIELDS,
     OPEN_CLIP_VISION_FIELDS,
     REFUSE,
+    SIGLIP2_VISION_FIELDS,
+    SIGLIP_MODEL_FIELDS,
+    SIGLIP_TEXT_FIELDS,
+    SIGLIP_VISION_FIELDS,
 )
 from tests.core.test_open_clip_parity import perturbed
 
@@ -39,6 +55,7 @@ from tests.core.test_open_clip_parity import perturbed
         (CLIPVisionCfg, OPEN_CLIP_VISION_FIELDS),
         (CLIPTextCfg, OPEN_CLIP_TEXT_FIELDS),
         (PreprocessCfg, OPEN_CLIP_PREPROCESS_FIELDS),
+        (MultimodalCfg, OPEN_CLIP_MULTIMODAL_FIELDS),
     ],
 )
 def test_open_clip_tables_list_every_dataclass_field_with_its_default(cls, table):
@@ -78,6 +95,28 @@ def test_hf_tables_list_every_config_field(cls, table):
             assert field.default == defaults[name], name
 
 
+@pytest.mark.parametrize(
+    "cls, table",
+    [
+        (SiglipTextConfig, SIGLIP_TEXT_FIELDS),
+        (SiglipVisionConfig, SIGLIP_VISION_FIELDS),
+        (SiglipConfig, SIGLIP_MODEL_FIELDS),
+        (Siglip2TextConfig, SIGLIP_TEXT_FIELDS),
+        (Siglip2VisionConfig, SIGLIP2_VISION_FIELDS),
+        (Siglip2Config, SIGLIP_MODEL_FIELDS),
+    ],
+)
+def test_siglip_tables_list_every_config_field(cls, table):
+    params = inspect.signature(cls.__init__).parameters
+    fields = set(cls().to_dict()) | set(params) - {"self", "kwargs"}
+    assert fields <= set(table), sorted(fields - set(table))
+    for name, field in table.items():
+        # the constructor's defaults: to_dict() shows projection_size already derived from hidden_size
+        if field.action != IGNORE and name in params and name not in ("model_type", "text_config", "vision_config"):
+            assert field.default == params[name].default, name
+        assert field.action in (MAP, IGNORE, REFUSE) and field.note, name
+
+
 def test_every_bundled_open_clip_config_converts_or_names_the_field_it_refuses():
     configs = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*.json"))
     assert len(configs) > 100
@@ -110,8 +149,8 @@ def test_hf_tokenizer_dir_is_used_when_given(tmp_path):
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        ({"embed_dim": 64, "text_cfg": {"no_causal_mask": True}}, r"text_cfg\.no_causal_mask=True"),
-        ({"embed_dim": 64, "text_cfg": {"pool_type": "last"}}, r"text_cfg\.pool_type='last'"),
+        ({"embed_dim": 64, "text_cfg": {"scale_fc": True}}, r"text_cfg\.scale_fc=True"),
+        ({"embed_dim": 64, "text_cfg": {"pool_type": "max"}}, r"text_cfg\.pool_type='max'"),
         ({"embed_dim": 64, "vision_cfg": {"qk_norm": True}}, r"vision_cfg\.qk_norm=True"),
         ({"embed_dim": 64, "vision_cfg": {"pool_type": "avg", "final_ln_after_pool": True}}, "final_ln_after_pool"),
         ({"embed_dim": 64, "vision_cfg": {"norm_kwargs": {"eps": 1e-6, "bias": False}}}, r"vision_cfg\.norm_kwargs"),

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
 import polymodal
 from polymodal import create_model, export_model, from_pretrained
@@ -158,3 +158,43 @@ def test_hf_mapped_field_values_have_parity(tmp_path):
     back = CLIPConfig.from_pretrained(tmp_path / "back")
     assert (back.vision_config.num_channels, back.text_config.attention_dropout) == (1, 0.1)
     assert back.text_config.hidden_act == "gelu_pytorch_tanh"
+
+
+CAPTIONS = ["a red circle", "Two blue squares and a green triangle!", "a photo of " * 20]  # the last overflows
+
+
+def test_clip_export_writes_the_builtin_tokenizer_as_clip_tokenizer_files(tmp_path):
+    from transformers import CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
+
+    model = perturbed(create_model("clip-vit-tiny"))
+    export_model(model, tmp_path / "hf", to="hf")
+    assert (tmp_path / "hf" / "vocab.json").is_file() and (tmp_path / "hf" / "merges.txt").is_file()
+    tokenizer = polymodal.get_tokenizer(model)
+    ours = tokenizer(CAPTIONS)
+    for cls in (CLIPTokenizer, CLIPTokenizerFast):
+        theirs = cls.from_pretrained(tmp_path / "hf")(CAPTIONS, padding="max_length", truncation=True)["input_ids"]
+        theirs = torch.tensor(theirs)
+        assert theirs.shape == ours.shape == (3, 32)
+        # the same ids up to end-of-text; transformers then pads with end-of-text, polymodal with 0
+        ends = (ours == tokenizer.eot_token_id).int().argmax(-1)
+        for row, end in enumerate(ends.tolist()):
+            assert theirs[row, : end + 1].tolist() == ours[row, : end + 1].tolist()
+            assert theirs[row, end + 1 :].eq(tokenizer.eot_token_id).all()
+    processor = CLIPProcessor.from_pretrained(tmp_path / "hf")
+    ids = processor(text=CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+    ref = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():  # either padding gives the same embedding: the causal tower pools at end-of-text
+        torch.testing.assert_close(
+            features(ref.get_text_features(input_ids=ids)), model.encode_text(ours), rtol=0, atol=1e-5
+        )
+
+    # imported back, the directory's tokenizer files are an "hf" tokenizer, which exports as itself
+    again = from_pretrained(tmp_path / "hf")
+    assert again.config.tokenizer.type == "hf"
+    export_model(again, tmp_path / "hf2", to="hf")
+    expected = polymodal.get_tokenizer(again)(CAPTIONS)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "hf2")
+    assert saved.model_max_length == 32
+    assert torch.equal(
+        saved(CAPTIONS, padding="max_length", truncation=True, return_tensors="pt")["input_ids"], expected
+    )

@@ -274,7 +274,8 @@ def test_one_sample_rate_for_audio():
 def test_decoder_config_is_checked_when_built():
     data = polymodal.get_model_config("coca-vit-tiny").to_dict()
     data["decoder"]["type"] = "lstm"
-    with pytest.raises(polymodal.ConfigError, match=r"decoder: unknown type 'lstm'; expected one of \['transformer'\]"):
+    expected = r"decoder: unknown type 'lstm'; expected one of \['multimodal', 'transformer'\]"
+    with pytest.raises(polymodal.ConfigError, match=expected):
         polymodal.ModelConfig.from_dict(data)
     data["decoder"]["type"] = "transformer"
     data["decoder"]["args"]["layers"] = "two"

@@ -52,7 +52,7 @@ def _embeddings(model):
         ("saved", "polymodal"),
         ("run", "run"),
         ("run/checkpoints/step_00000010", "polymodal"),
-        ("hf", "hf_clip"),
+        ("hf", "hf"),
         ("open_clip", "open_clip"),
         ("open_clip/open_clip_config.json", "open_clip"),
     ],

@@ -99,6 +99,21 @@ def test_non_causal_masks_padding():
     torch.testing.assert_close(m(t[:, :12]), m(longer))
 
 
+def test_unmasked_bidirectional_tower_pooled_at_the_final_position():
+    """SigLIP's text tower: every position attends to every other, padding included, and the last is pooled."""
+    m = tiny_text(causal=False, mask_padding=False, pool_type="final_position").eval()
+    t = ids()
+    tokens = m.forward_features(t)
+    torch.testing.assert_close(m(t), m.proj(tokens[:, -1]))
+    changed = t.clone()
+    changed[:, -3] = 7  # padding, which this tower attends to
+    assert (m(t) - m(changed)).abs().amax(-1).min() > 1e-4
+    assert (m.forward_features(t)[:, 0] - m.forward_features(changed)[:, 0]).abs().max() > 1e-4
+    assert_all_params_get_grad(m, m(t).square().sum())
+    m.zero_grad(set_to_none=True)
+    assert_checkpointing_matches(m, lambda: m(t))
+
+
 def test_context_interpolation_accepts_longer_text():
     m = tiny_text().eval()
     with pytest.raises(ValueError, match="L <= 16"):
@@ -171,3 +186,31 @@ def test_exports_with_dynamic_batch_and_length(pool_type):
     with torch.no_grad():
         for x in (ids(3, 16), ids(2, 9), ids(5, 12), ids(1, 4)[:, :2]):
             torch.testing.assert_close(program(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_class_token_is_appended_pooled_and_masked_as_open_clips_coca():
+    m = tiny_text(class_token=True, pool_type="final_position").eval()
+    t = ids()
+    hidden = m.forward_hidden(t)
+    assert hidden.shape == (3, 17, 32) and m.pos_embed.shape == (17, 32)
+    torch.testing.assert_close(m.forward_features(t), m.norm(hidden))
+    torch.testing.assert_close(m(t), m.proj(m.norm(hidden[:, -1])))
+    torch.testing.assert_close(m.embed_hidden(hidden, t), m(t))
+    # the mask by hand: key j is seen by queries i >= j when j == 0 or token j - 1 is not padding
+    L = t.shape[1] + 1
+    keep = torch.cat([torch.ones(3, 1, dtype=torch.bool), t != 0], dim=1)  # (3, L)
+    mask = keep[:, None, :] & torch.ones(L, L, dtype=torch.bool).tril()  # (3, L, L)
+    x = torch.cat([m.token_embedding(t), m.cls_token.expand(3, 1, -1)], dim=1) + m.pos_embed
+    torch.testing.assert_close(hidden, m.transformer(x, attn_mask=mask[:, None]), rtol=0, atol=1e-6)
+    # text positions stay causal: a later token cannot change an earlier state
+    later = t.clone()
+    later[:, 10] = 55
+    torch.testing.assert_close(m.forward_hidden(later)[:, :10], hidden[:, :10], rtol=0, atol=1e-6)
+
+
+def test_class_token_learns_and_resizes_with_the_context():
+    m = tiny_text(class_token=True, pool_type="final_position")
+    assert_all_params_get_grad(m, m(ids()).square().sum())
+    assert any(p is m.cls_token for p in m.layer_groups()[0])
+    m.set_context_length(24)
+    assert m.pos_embed.shape == (25, 32) and m(ids(2, 24)).shape == (2, 24)

@@ -172,3 +172,16 @@ def test_lock_leaves_only_last_groups_trainable():
         n for n, _ in enc.named_parameters() if n == "proj.weight" or n.startswith(("trunk.blocks.5.", "trunk.norm."))
     }
     assert "trunk.norm.weight" in trainable and "trunk.blocks.4.norm1.weight" not in trainable
+
+
+def test_proj_head_uses_timms_classifier_as_the_projection() -> None:
+    torch.manual_seed(0)
+    enc = TimmEncoder(**VIT, output_dim=24, proj="head").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = enc(x)
+        assert out.shape == (2, 24) and enc.output_dim == 24
+        torch.testing.assert_close(out, enc.trunk(x), rtol=0, atol=0)  # timm's own classifier forward
+    assert not any(isinstance(m, torch.nn.Linear) for m in enc.proj.modules())
+    with pytest.raises(ValueError, match="give output_dim"):
+        TimmEncoder(**VIT, output_dim=None, proj="head")

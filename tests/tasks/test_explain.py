@@ -180,6 +180,42 @@ def test_shifted_copies_average_to_a_finer_map(vit_model):
     assert not torch.allclose(fine, plain)
 
 
+def test_upscale_explains_the_resized_image_and_returns_the_images_layout(vit_model, resnet_model):
+    x, tok = images(32), get_tokenizer(vit_model)
+    fine = explain(vit_model, "image", x, TEXT, tok, "grad_rollout", upscale=1.5)  # 48 pixels: a 6 x 6 patch grid
+    assert fine.shape == (2, 32, 32) and torch.isfinite(fine).all()
+    # by hand: the image resized to 48 (a multiple of the patch, 8), explained there, the map resized back
+    big = F.interpolate(x, size=(48, 48), mode="bicubic", align_corners=False)
+    there = explain(vit_model, "image", big, TEXT, tok, "grad_rollout")
+    back = F.interpolate(there[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(fine, normalize_maps(back), rtol=0, atol=1e-5)
+    # 1.2 x 32 = 38.4 rounds to 40, the nearest multiple of the patch
+    got = explain(vit_model, "image", x, TEXT, tok, "grad_rollout", upscale=1.2)
+    at40 = explain(
+        vit_model,
+        "image",
+        F.interpolate(x, size=(40, 40), mode="bicubic", align_corners=False),
+        TEXT,
+        tok,
+        "grad_rollout",
+    )
+    back = F.interpolate(at40[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(got, normalize_maps(back), rtol=0, atol=1e-5)
+    # a ResNet's maps at 2x (128 pixels, a multiple of its stride 32) still come back at 64
+    assert explain(resnet_model, "image", images(64), TEXT, tok, upscale=2).shape == (2, 64, 64)
+
+
+def test_pointing_game_scores_the_maps_explain_gives(vit_model):
+    x, tok = images(32, n=16), get_tokenizer(vit_model)
+    masks = torch.rand(16, 32, 32, generator=torch.Generator().manual_seed(3)) < 0.3
+    texts = ["a red circle", "a blue square", "a green ring", "a circle"] * 4
+    for shifts, upscale in ((1, 1.0), (2, 1.5)):
+        scores = pointing_game(vit_model, x, texts, masks, tok, ("grad_rollout",), 4, shifts=shifts, upscale=upscale)
+        maps = explain(vit_model, "image", x, texts, tok, "grad_rollout", shifts=shifts, upscale=upscale)
+        assert scores["grad_rollout"].hits == int(pointing_hits(maps, masks).sum())
+        assert scores["grad_rollout"].baseline == pytest.approx(masks.float().mean().item())
+
+
 def test_bad_requests_are_named(vit_model, resnet_model, audio_model):
     tok = get_tokenizer(vit_model)
     with pytest.raises(InputError, match="no audio tower"):
@@ -196,6 +232,11 @@ def test_bad_requests_are_named(vit_model, resnet_model, audio_model):
         explain(resnet_model, "image", images(64), TEXT, tok, shifts=2)
     with pytest.raises(InputError, match="shifts must be a positive integer"):
         explain(vit_model, "image", images(32), TEXT, tok, shifts=0)
+    for bad in (0.5, 9, True, "2"):
+        with pytest.raises(InputError, match="upscale must be a number from 1"):
+            explain(vit_model, "image", images(32), TEXT, tok, upscale=bad)
+    with pytest.raises(InputError, match="upscale resizes images; the audio tower's input is not an image"):
+        explain(audio_model, "audio", torch.randn(1, 16000), TEXT, tok, upscale=2)
     with pytest.raises(InputError, match="one text, or one per input"):
         explain(vit_model, "image", images(32, n=3), [TEXT, TEXT], tok)
     with pytest.raises(InputError, match="must both be"):

@@ -104,7 +104,7 @@ def test_saved_student_is_a_plain_model(distilled):
     projection = read_state_dict(last / "distill_projection.safetensors")  # kept for resuming only
     assert set(projection) == {"image.weight", "text.weight"} and projection["image.weight"].shape == (128, 16)
     out = trainer.model.save_pretrained(run.parent / "plain")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def naive_row_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> float:

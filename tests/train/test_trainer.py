@@ -39,6 +39,9 @@ def test_short_run_loss_falls_and_writes_outputs(make_config, tmp_path):
     (last,) = ckpt.complete_checkpoints(run)
     model = from_pretrained(last)
     assert model.config.name == "clip-vit-tiny"
+    # with a model card that says where its weights came from
+    card = (last / "README.md").read_text()
+    assert f"trained with `polymodal train` into {run}, starting from random initialisation" in card
 
 
 def test_resume_is_exact(make_config, tmp_path, monkeypatch):
