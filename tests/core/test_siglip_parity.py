@@ -181,6 +181,24 @@ def test_siglip2_at_its_native_grid(tmp_path):
     torch.testing.assert_close(state["towers.image.patch_embed.weight"], model.towers["image"].patch_embed.weight)
 
 
+def test_default_width_siglip2_at_its_native_grid(tmp_path):
+    """Siglip2's default shape (768 wide, 12 heads, patch 16, 256 patches: 256 pixels, 64 tokens of a 256000
+    vocabulary) with 2 layers a tower; the full-depth model is in benchmarks/import_parity.py."""
+    cfg = Siglip2Config(text_config={"num_hidden_layers": 2}, vision_config={"num_hidden_layers": 2})
+    torch.manual_seed(0)
+    ref = reference(Siglip2Model(cfg)).eval()
+    ref.save_pretrained(tmp_path / "hf2")
+    model = from_pretrained(tmp_path / "hf2").eval()
+    assert model.config.towers["image"].args["image_size"] == 256
+    pixels = torch.randn(2, 3, 256, 256)
+    inputs = {
+        "pixel_values": siglip2_patches(pixels, 16),
+        "pixel_attention_mask": torch.ones(2, 256, dtype=torch.long),
+        "spatial_shapes": torch.tensor([[16, 16], [16, 16]]),
+    }
+    assert_parity(model, ref, pixels, text_ids(cfg.text_config.vocab_size, 64), inputs)
+
+
 # ---------------------------------------------------------------------------------------- tokenizer
 
 WORDS = ["a", "photo", "of", "cat", "dog", "two", "red", "blue", "the", "on", "sofa"]
