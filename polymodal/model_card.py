@@ -98,8 +98,8 @@ def model_card(model: nn.Module) -> str:
         "import polymodal",
         "",
         'model = polymodal.from_pretrained("path/to/this/directory")',
-        "tokenizer = polymodal.get_tokenizer(model)" if config.tokenizer is not None else "",
+        *(["tokenizer = polymodal.get_tokenizer(model)"] if config.tokenizer is not None else []),
         "```",
         "",
     ]
-    return "\n".join(line for line in lines if line is not None)
+    return "\n".join(lines)
